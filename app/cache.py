@@ -1,0 +1,238 @@
+"""The Redis cache: batch reads and writes of CRM entities, a JSON toolkit, and the breaker.
+
+Every operation degrades instead of raising: with Redis off, down, slow or
+failing, a read is a miss and a write is a no-op, within
+`REDIS_TIMEOUT_SECONDS` at most, and the circuit breaker stops trying for a
+while after repeated failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+import structlog
+from redis.asyncio import RedisCluster
+from redis.exceptions import ReadOnlyError, ResponseError
+
+from app import jsonutil, metrics
+from app.breaker import CircuitBreaker
+from app.redis_client import RedisClient
+
+T = TypeVar("T")
+Entity = Literal["customer", "user"]
+ENTITIES: tuple[Entity, ...] = ("customer", "user")
+
+_CLEAR_BATCH = 500
+_GLOB_SPECIAL = str.maketrans({c: f"\\{c}" for c in "*?[]\\"})
+
+log = structlog.get_logger("app.cache")
+
+
+def glob_escape(text: str) -> str:
+    return text.translate(_GLOB_SPECIAL)
+
+
+class Cache:
+    """Typed async access to Redis with JSON values, shared by the whole process.
+
+    `client=None` (`USE_REDIS=false`) makes every call a miss or a no-op
+    without ever connecting.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient | None,
+        *,
+        timeout: float,
+        prefix: str = "",
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout
+        self.prefix = prefix
+        self.breaker = breaker or CircuitBreaker(threshold=3, cooldown=5.0)
+        if client is not None:
+            metrics.REDIS_UP.set(1)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    async def health(self) -> Literal["up", "down", "disabled"]:
+        """A PING through the breaker: "down" at once while the circuit is open."""
+        if self._client is None:
+            return "disabled"
+        return "up" if await self.ping() else "down"
+
+    def entity_key(self, entity: Entity, instance: str, entity_id: str) -> str:
+        return f"{self.prefix}{entity}:{instance}:{entity_id}"
+
+    def entity_match(self, entity: Entity, instance: str) -> str:
+        """The SCAN glob of every cached `entity` of `instance`, and of nothing else."""
+        return f"{glob_escape(self.prefix)}{entity}:{glob_escape(instance)}:*"
+
+    # -- the enrichment's batch operations (raw compact JSON bytes) -------------------------
+
+    async def read_raw(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """All values of `keys` in one round trip (one per node on a cluster); None if unavailable."""
+        if not keys:
+            return []
+        result = await self._run("mget", lambda c: _mget(c, keys), None)
+        return result
+
+    async def write_raw(self, items: Sequence[tuple[str, bytes, int | None]]) -> bool:
+        """`SET key value EX ttl` for each item (no EX where ttl is None), in one pipeline.
+
+        Non-transactional on purpose: MULTI (or MSET + EXPIRE) breaks on a cluster.
+        """
+        if not items:
+            return True
+
+        async def write(client: RedisClient) -> bool:
+            pipe = client.pipeline(transaction=False)
+            for key, value, ttl in items:
+                pipe.set(key, value, ex=ttl)
+            await pipe.execute()
+            return True
+
+        return await self._run("set_pipeline", write, False)
+
+    # -- the toolkit the original service exposed ------------------------------------------
+
+    async def get(self, key: str) -> Any:
+        raw = await self._run("get", lambda c: c.get(self.prefix + key), None)
+        return _decode(raw)
+
+    async def set(self, key: str, value: Any, ttl: int | None = None) -> bool:
+        data = jsonutil.dumps(value)
+        result = await self._run("set", lambda c: c.set(self.prefix + key, data, ex=ttl), None)
+        return bool(result)
+
+    async def delete(self, key: str) -> int:
+        return int(await self._run("delete", lambda c: c.delete(self.prefix + key), 0))
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._run("exists", lambda c: c.exists(self.prefix + key), 0))
+
+    async def mget(self, keys: Sequence[str]) -> list[Any]:
+        raws = await self.read_raw([self.prefix + key for key in keys])
+        if raws is None:
+            return [None] * len(keys)
+        return [_decode(raw) for raw in raws]
+
+    async def mset(self, items: Iterable[tuple[str, Any, int | None]]) -> bool:
+        """Store each (key, value, ttl) in one non-transactional pipeline; ttl None keeps forever."""
+        return await self.write_raw(
+            [(self.prefix + key, jsonutil.dumps(value), ttl) for key, value, ttl in items]
+        )
+
+    async def mdel(self, keys: Sequence[str]) -> int:
+        """Delete `keys` (UNLINK, one pipeline, so a cluster spreads it per node); the number gone."""
+        return await self.unlink_keys([self.prefix + key for key in keys]) or 0
+
+    async def expire(self, key: str, ttl: int) -> bool:
+        return bool(await self._run("expire", lambda c: c.expire(self.prefix + key, ttl), False))
+
+    async def clear(self, pattern: str) -> int:
+        """Delete every key matching the glob `pattern` (under the prefix) with SCAN + UNLINK."""
+        return await self.clear_matching(glob_escape(self.prefix) + pattern) or 0
+
+    async def unlink_keys(self, keys: Sequence[str]) -> int | None:
+        """UNLINK full keys; how many existed, or None when Redis is unavailable."""
+        if not keys:
+            return 0
+        return await self._run("unlink", lambda c: _unlink(c, list(keys)), None)
+
+    async def clear_matching(self, match: str) -> int | None:
+        """SCAN + UNLINK in bounded batches for a full-key glob; None when Redis is unavailable."""
+
+        async def scan_and_unlink(client: RedisClient) -> int:
+            deleted = 0
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=match, count=_CLEAR_BATCH):
+                batch.append(key)
+                if len(batch) >= _CLEAR_BATCH:
+                    deleted += await _unlink(client, batch)
+                    batch = []
+            if batch:
+                deleted += await _unlink(client, batch)
+            return deleted
+
+        return await self._run("clear", scan_and_unlink, None, deadline=None)
+
+    async def count_matching(self, match: str) -> int | None:
+        """How many keys match a full-key glob (SCAN); None when Redis is unavailable."""
+
+        async def scan_count(client: RedisClient) -> int:
+            return sum([1 async for _ in client.scan_iter(match=match, count=1000)])
+
+        return await self._run("scan", scan_count, None, deadline=None)
+
+    async def ping(self) -> bool:
+        return bool(await self._run("ping", lambda c: c.ping(), False))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- the one guard every call goes through ---------------------------------------------
+
+    async def _run(
+        self,
+        op: str,
+        call: Callable[[RedisClient], Awaitable[Any]],
+        default: T,
+        *,
+        deadline: float | Literal["default"] | None = "default",
+    ) -> Any:
+        client = self._client
+        if client is None or not self.breaker.allow():
+            return default
+        metrics.REDIS_ROUND_TRIPS.labels(op=op).inc()
+        limit = self._timeout if deadline == "default" else deadline
+        try:
+            async with asyncio.timeout(limit):
+                result = await call(client)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except ResponseError as exc:
+            metrics.REDIS_ERRORS.inc()
+            if isinstance(exc, ReadOnlyError):
+                self.breaker.failure(exc)
+            else:
+                self.breaker.success()
+                log.warning("redis.command_error", op=op, error=str(exc))
+            return default
+        except Exception as exc:  # an outage: connection refused, timeout, reset, full pool
+            metrics.REDIS_ERRORS.inc()
+            self.breaker.failure(exc)
+            return default
+        self.breaker.success()
+        return result
+
+
+async def _mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    if isinstance(client, RedisCluster):
+        values = await client.mget_nonatomic(keys)
+    else:
+        values = await client.mget(keys)
+    return list(values)
+
+
+async def _unlink(client: RedisClient, keys: Sequence[bytes | str]) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.unlink(key)
+    return sum(int(n) for n in await pipe.execute())
+
+
+def _decode(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return jsonutil.loads(raw)
+    except ValueError:
+        return None

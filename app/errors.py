@@ -1,0 +1,69 @@
+"""Errors the service produces, each with its HTTP status, and the one handler."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from app.jsonutil import dumps
+
+
+class AppError(Exception):
+    """Base error: rendered as `{"detail": message}` with `status_code`."""
+
+    status_code = 500
+    detail = "internal error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or self.detail)
+        self.detail = detail or self.detail
+
+
+class BadGateway(AppError):
+    """The WhatsApp API failed (5xx, unreachable, or a body that is not the expected JSON)."""
+
+    status_code = 502
+    detail = "upstream contacts API failed"
+
+
+class GatewayTimeout(AppError):
+    """The WhatsApp API did not answer within `UPSTREAM_TIMEOUT_SECONDS`."""
+
+    status_code = 504
+    detail = "upstream contacts API timed out"
+
+
+class UpstreamRejected(Exception):
+    """The WhatsApp API answered 4xx: its status and body go to the caller unchanged."""
+
+    def __init__(self, status_code: int, body: bytes, content_type: str) -> None:
+        super().__init__(status_code)
+        self.status_code = status_code
+        self.body = body
+        self.content_type = content_type
+
+
+async def app_error_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return Response(
+        dumps({"detail": exc.detail}),
+        status_code=exc.status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def upstream_rejected_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, UpstreamRejected)
+    return Response(exc.body, status_code=exc.status_code, media_type=exc.content_type)
+
+
+class NotFound(AppError):
+    status_code = 404
+    detail = "not found"
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    detail = "missing or invalid bearer token"

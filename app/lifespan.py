@@ -1,0 +1,95 @@
+"""Builds the process's shared resources at start-up and closes them at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+import httpx
+import structlog
+from fastapi import FastAPI
+from httpx_aiohttp import AiohttpTransport
+
+from app.breaker import CircuitBreaker
+from app.cache import Cache
+from app.config import Settings
+from app.contacts import ContactsService
+from app.redis_client import build_redis
+from app.resolver import EntityResolver
+from app.upstream import Upstream
+
+log = structlog.get_logger("app.lifespan")
+
+_DRAIN_SECONDS = 5.0
+
+
+class State(TypedDict):
+    settings: Settings
+    cache: Cache
+    resolver: EntityResolver
+    contacts: ContactsService
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """One pooled client for both upstreams, on aiohttp's transport (see README: performance)."""
+    limits = httpx.Limits(
+        max_connections=settings.upstream_max_connections,
+        max_keepalive_connections=settings.upstream_max_connections,
+    )
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits),
+        timeout=httpx.Timeout(None),  # the whole-call deadline is enforced per call
+        follow_redirects=False,
+    )
+
+
+def lifespan_for(settings: Settings) -> object:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        http = build_http_client(settings)
+        client = build_redis(settings) if settings.use_redis else None
+        cache = Cache(
+            client,
+            timeout=settings.redis_timeout_seconds,
+            prefix=settings.cache_key_prefix,
+            breaker=CircuitBreaker(
+                settings.redis_breaker_failures, settings.redis_breaker_cooldown_seconds
+            ),
+        )
+        upstream = Upstream(
+            http,
+            whatsapp_url=settings.whatsapp_api_url,
+            crm_url=settings.crm_api_url,
+            crm_token=settings.crm_api_token.get_secret_value() if settings.crm_api_token else None,
+            timeout=settings.upstream_timeout_seconds,
+        )
+        resolver = EntityResolver(
+            cache,
+            upstream,
+            batch_size=settings.upstream_batch_size,
+            ttl=settings.cache_ttl_seconds,
+            negative_ttl=settings.cache_negative_ttl_seconds,
+        )
+        log.info(
+            "service.start",
+            redis="off" if client is None else settings.redis_mode,
+            whatsapp_api_url=settings.whatsapp_api_url,
+            crm_api_url=settings.crm_api_url,
+        )
+        state = State(
+            settings=settings,
+            cache=cache,
+            resolver=resolver,
+            contacts=ContactsService(upstream, resolver),
+        )
+        app.state.resources = state  # for tools and tests that hold the app, not a request
+        try:
+            yield state
+        finally:
+            await resolver.drain(_DRAIN_SECONDS)
+            await http.aclose()
+            await cache.close()
+            log.info("service.stop")
+
+    return lifespan

@@ -1,0 +1,57 @@
+"""The application factory: routers, middleware and error handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from app import __doc__ as description
+from app.config import Settings, get_settings
+from app.errors import AppError, UpstreamRejected, app_error_handler, upstream_rejected_handler
+from app.jsonutil import dumps
+from app.lifespan import lifespan_for
+from app.logging import configure_logging
+from app.middleware import RequestContextMiddleware
+from app.routes import cache_admin, contacts, health
+
+
+async def _validation_error_handler(_: Any, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+        for error in exc.errors()
+    ]
+    return Response(dumps({"detail": errors}), status_code=422, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; `settings` defaults to the environment (tests pass their own)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    app = FastAPI(
+        title="Enriched contacts",
+        description=description or "",
+        version="0.1.0",
+        lifespan=lifespan_for(settings),  # type: ignore[arg-type]
+    )
+    app.add_middleware(RequestContextMiddleware)
+    app.add_exception_handler(AppError, app_error_handler)
+    app.add_exception_handler(UpstreamRejected, upstream_rejected_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.include_router(contacts.router)
+    app.include_router(health.router)
+    app.include_router(cache_admin.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` builds the app on first access, so importing this
+    # module (tests, tools) never requires the environment to be configured.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""HTTP routes: thin, each calls a service or the cache."""

@@ -1,0 +1,85 @@
+"""`/cache/...`: invalidation for CRM webhooks and per-instance stats, behind `ADMIN_TOKEN`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Response
+
+from app.cache import Entity
+from app.deps import AdminDep, CacheDep, InstancePath, ResolverDep
+from app.errors import AppError
+
+router = APIRouter(prefix="/cache", tags=["cache"], dependencies=[AdminDep])
+
+_ENTITY: dict[str, Entity] = {"customers": "customer", "users": "user"}
+IdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="customer or user id")]
+
+
+class InvalidId(AppError):
+    status_code = 422
+    detail = "invalid id"
+
+
+class CacheUnavailable(AppError):
+    status_code = 503
+    detail = "redis is unavailable or disabled; nothing was changed"
+
+
+@router.delete("/{instance}/{kind}/{entity_id}", status_code=204, response_class=Response)
+async def invalidate_one(
+    instance: InstancePath,
+    kind: Literal["customers", "users"],
+    entity_id: IdPath,
+    cache: CacheDep,
+    resolver: ResolverDep,
+) -> Response:
+    """Drop one cached customer or user; a CRM webhook calls this when the object changes.
+
+    503 when Redis cannot be reached, so a webhook sender retries.
+    """
+    if entity_id in (".", ".."):
+        raise InvalidId()
+    entity = _ENTITY[kind]
+    resolver.forget(entity, instance, entity_id)
+    if await cache.unlink_keys([cache.entity_key(entity, instance, entity_id)]) is None:
+        raise CacheUnavailable()
+    return Response(status_code=204)
+
+
+@router.delete("/{instance}")
+async def clear_instance(
+    instance: InstancePath, cache: CacheDep, resolver: ResolverDep
+) -> dict[str, int]:
+    """Drop every cached customer and user of one instance (SCAN + UNLINK, never KEYS)."""
+    resolver.forget_instance(instance)
+    deleted = 0
+    for entity in _ENTITY.values():
+        count = await cache.clear_matching(cache.entity_match(entity, instance))
+        if count is None:
+            raise CacheUnavailable()
+        deleted += count
+    return {"deleted": deleted}
+
+
+@router.get("/{instance}/stats")
+async def instance_stats(
+    instance: InstancePath, cache: CacheDep, resolver: ResolverDep
+) -> dict[str, object]:
+    """Keys cached for the instance (shared Redis) and this process's hits and misses for it."""
+    counts: dict[str, int | None] = {}
+    for kind, entity in _ENTITY.items():
+        counts[kind] = await cache.count_matching(cache.entity_match(entity, instance))
+    hits, misses = resolver.counts(instance)
+    lookups = hits + misses
+    return {
+        "instance": instance,
+        "redis": "disabled"
+        if not cache.enabled
+        else ("up" if None not in counts.values() else "down"),
+        "cached": counts,
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / lookups, 4) if lookups else None,
+        "counts_scope": "this process since it started",
+    }

@@ -1,0 +1,73 @@
+"""`GET /contacts`: the upstream's page of contacts with `customer` and `user` embedded."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import unquote_plus
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.deps import ContactsServiceDep
+from app.errors import AppError
+from app.validation import INSTANCE_PATTERN
+
+router = APIRouter(tags=["contacts"])
+
+
+class AmbiguousInstance(AppError):
+    status_code = 422
+    detail = "instance must be given once"
+
+
+@router.get(
+    "/contacts",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The upstream page, each item with `customer` and `user` added",
+            "content": {"application/json": {}},
+            "headers": {"X-Enrichment": {"description": "complete or partial"}},
+        },
+        502: {"description": "The contacts API failed"},
+        504: {"description": "The contacts API timed out"},
+    },
+)
+async def list_contacts(
+    request: Request,
+    service: ContactsServiceDep,
+    instance: Annotated[str, Query(pattern=INSTANCE_PATTERN, description="instance (tenant) name")],
+) -> Response:
+    """Every other query parameter (paging, search, filters) goes to the upstream unchanged."""
+    query = _forwarded_query(request.scope["query_string"])
+    state = request.scope["state"]
+    state["log"]["instance"] = instance
+    page = await service.enriched_page(
+        instance, query, request.headers.get("authorization"), state["request_id"]
+    )
+    state["log"].update(
+        contacts=page.contacts,
+        cache_hits=page.hits,
+        cache_misses=page.misses,
+        crm_calls=page.crm_calls,
+        enrichment=page.enrichment,
+    )
+    return Response(
+        page.body, media_type="application/json", headers={"x-enrichment": page.enrichment}
+    )
+
+
+def _forwarded_query(raw: bytes) -> str:
+    """The raw query string without `instance`, byte for byte otherwise."""
+    kept: list[str] = []
+    seen_instance = False
+    for part in raw.decode("latin-1").split("&"):
+        if not part:
+            continue
+        name = unquote_plus(part.partition("=")[0])
+        if name == "instance":
+            if seen_instance:
+                raise AmbiguousInstance()
+            seen_instance = True
+            continue
+        kept.append(part)
+    return "&".join(kept)
