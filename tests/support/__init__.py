@@ -1,0 +1,1 @@
+"""Test support: real redis-server processes, in-process uvicorn servers, polling helpers."""
