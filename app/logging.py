@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import structlog
 
+_HANDLER_NAME = "app.logging"
 _SECRET_FIELDS = frozenset({"authorization", "token", "admin_token", "crm_api_token", "password"})
 
 
@@ -59,8 +60,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only the handler this function installed before, so handlers that a host
+    # process (or pytest's log capture) added keep working.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(numeric)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
