@@ -20,7 +20,8 @@ from app import jsonutil, metrics
 from app.breaker import CircuitBreaker
 from app.redis_client import RedisClient
 
-T = TypeVar("T")
+R = TypeVar("R")
+D = TypeVar("D")
 Entity = Literal["customer", "user"]
 ENTITIES: tuple[Entity, ...] = ("customer", "user")
 
@@ -76,11 +77,11 @@ class Cache:
     # -- the enrichment's batch operations (raw compact JSON bytes) -------------------------
 
     async def read_raw(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """All values of `keys` in one round trip (one per node on a cluster); None if unavailable."""
+        """Every value in one round trip (one per node on a cluster); None when unavailable."""
         if not keys:
             return []
-        result = await self._run("mget", lambda c: _mget(c, keys), None)
-        return result
+        values: list[bytes | None] | None = await self._run("mget", lambda c: _mget(c, keys), None)
+        return values
 
     async def write_raw(self, items: Sequence[tuple[str, bytes, int | None]]) -> bool:
         """`SET key value EX ttl` for each item (no EX where ttl is None), in one pipeline.
@@ -97,12 +98,13 @@ class Cache:
             await pipe.execute()
             return True
 
-        return await self._run("set_pipeline", write, False)
+        written: bool = await self._run("set_pipeline", write, False)
+        return written
 
     # -- the toolkit the original service exposed ------------------------------------------
 
     async def get(self, key: str) -> Any:
-        raw = await self._run("get", lambda c: c.get(self.prefix + key), None)
+        raw: bytes | str | None = await self._run("get", lambda c: c.get(self.prefix + key), None)
         return _decode(raw)
 
     async def set(self, key: str, value: Any, ttl: int | None = None) -> bool:
@@ -123,13 +125,13 @@ class Cache:
         return [_decode(raw) for raw in raws]
 
     async def mset(self, items: Iterable[tuple[str, Any, int | None]]) -> bool:
-        """Store each (key, value, ttl) in one non-transactional pipeline; ttl None keeps forever."""
+        """Store each (key, value, ttl) in one pipeline; a ttl of None keeps the key forever."""
         return await self.write_raw(
             [(self.prefix + key, jsonutil.dumps(value), ttl) for key, value, ttl in items]
         )
 
     async def mdel(self, keys: Sequence[str]) -> int:
-        """Delete `keys` (UNLINK, one pipeline, so a cluster spreads it per node); the number gone."""
+        """UNLINK `keys` in one pipeline (split per node on a cluster); how many existed."""
         return await self.unlink_keys([self.prefix + key for key in keys]) or 0
 
     async def expire(self, key: str, ttl: int) -> bool:
@@ -143,7 +145,8 @@ class Cache:
         """UNLINK full keys; how many existed, or None when Redis is unavailable."""
         if not keys:
             return 0
-        return await self._run("unlink", lambda c: _unlink(c, list(keys)), None)
+        unlinked: int | None = await self._run("unlink", lambda c: _unlink(c, list(keys)), None)
+        return unlinked
 
     async def clear_matching(self, match: str) -> int | None:
         """SCAN + UNLINK in bounded batches for a full-key glob; None when Redis is unavailable."""
@@ -160,7 +163,8 @@ class Cache:
                 deleted += await _unlink(client, batch)
             return deleted
 
-        return await self._run("clear", scan_and_unlink, None, deadline=None)
+        cleared: int | None = await self._run("clear", scan_and_unlink, None, deadline=None)
+        return cleared
 
     async def count_matching(self, match: str) -> int | None:
         """How many keys match a full-key glob (SCAN); None when Redis is unavailable."""
@@ -168,7 +172,8 @@ class Cache:
         async def scan_count(client: RedisClient) -> int:
             return sum([1 async for _ in client.scan_iter(match=match, count=1000)])
 
-        return await self._run("scan", scan_count, None, deadline=None)
+        counted: int | None = await self._run("scan", scan_count, None, deadline=None)
+        return counted
 
     async def ping(self) -> bool:
         return bool(await self._run("ping", lambda c: c.ping(), False))
@@ -182,11 +187,11 @@ class Cache:
     async def _run(
         self,
         op: str,
-        call: Callable[[RedisClient], Awaitable[Any]],
-        default: T,
+        call: Callable[[RedisClient], Awaitable[R]],
+        default: D,
         *,
         deadline: float | Literal["default"] | None = "default",
-    ) -> Any:
+    ) -> R | D:
         client = self._client
         if client is None or not self.breaker.allow():
             return default
@@ -229,10 +234,10 @@ async def _unlink(client: RedisClient, keys: Sequence[bytes | str]) -> int:
     return sum(int(n) for n in await pipe.execute())
 
 
-def _decode(raw: bytes | None) -> Any:
+def _decode(raw: bytes | str | None) -> Any:
     if raw is None:
         return None
     try:
-        return jsonutil.loads(raw)
+        return jsonutil.loads(raw.encode() if isinstance(raw, str) else raw)
     except ValueError:
         return None

@@ -123,10 +123,10 @@ class EntityResolver:
         hits, misses = self._counts.get(instance, (0, 0))
         return hits, misses
 
-    async def drain(self, timeout: float) -> None:
-        """Let background fetches and writes finish (at shutdown), for at most `timeout` seconds."""
+    async def drain(self, seconds: float) -> None:
+        """Let background fetches and writes finish (at shutdown), for at most `seconds`."""
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+            await asyncio.wait(list(self._tasks), timeout=seconds)
 
     async def _fetch_misses(
         self,
