@@ -70,6 +70,10 @@ class Cache:
     def entity_key(self, entity: Entity, instance: str, entity_id: str) -> str:
         return f"{self.prefix}{entity}:{instance}:{entity_id}"
 
+    def lease_key(self, entity: Entity, instance: str, entity_id: str) -> str:
+        """The short-lived lock a replica takes while it fetches this id from the CRM."""
+        return f"{self.prefix}lease:{entity}:{instance}:{entity_id}"
+
     def entity_match(self, entity: Entity, instance: str) -> str:
         """The SCAN glob of every cached `entity` of `instance`, and of nothing else."""
         return f"{glob_escape(self.prefix)}{entity}:{glob_escape(instance)}:*"
@@ -83,18 +87,59 @@ class Cache:
         values: list[bytes | None] | None = await self._run("mget", lambda c: _mget(c, keys), None)
         return values
 
-    async def write_raw(self, items: Sequence[tuple[str, bytes, int | None]]) -> bool:
+    async def read_with_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]] | None:
+        """Each value with its remaining TTL in ms (-1: none, -2: absent), in one round trip.
+
+        A pipeline of GET and PTTL per key rather than MGET, so that it also
+        runs on a cluster, where the client splits a pipeline per node.
+        """
+        if not keys:
+            return []
+
+        async def read(client: RedisClient) -> list[tuple[bytes | None, int]]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = await pipe.execute()
+            return [(replies[n], int(replies[n + 1])) for n in range(0, len(replies), 2)]
+
+        entries: list[tuple[bytes | None, int]] | None = await self._run(
+            "get_pttl_pipeline", read, None
+        )
+        return entries
+
+    async def take_leases(self, keys: Sequence[str], token: str, ttl_ms: int) -> list[bool] | None:
+        """`SET key token NX PX ttl` for each key in one pipeline: which ones this caller got."""
+        if not keys:
+            return []
+
+        async def take(client: RedisClient) -> list[bool]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, token, nx=True, px=ttl_ms)
+            return [bool(reply) for reply in await pipe.execute()]
+
+        taken: list[bool] | None = await self._run("lease_pipeline", take, None)
+        return taken
+
+    async def write_raw(
+        self, items: Sequence[tuple[str, bytes, int | None]], release: Sequence[str] = ()
+    ) -> bool:
         """`SET key value EX ttl` for each item (no EX where ttl is None), in one pipeline.
 
-        Non-transactional on purpose: MULTI (or MSET + EXPIRE) breaks on a cluster.
+        `release` keys (leases) are unlinked in the same pipeline. Non-transactional
+        on purpose: MULTI (or MSET + EXPIRE) breaks on a cluster.
         """
-        if not items:
+        if not items and not release:
             return True
 
         async def write(client: RedisClient) -> bool:
             pipe = client.pipeline(transaction=False)
             for key, value, ttl in items:
                 pipe.set(key, value, ex=ttl)
+            for key in release:
+                pipe.unlink(key)
             await pipe.execute()
             return True
 

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     cache_key_prefix: str = ""
     cache_refresh_ahead_seconds: int = Field(0, ge=0)
     cache_stale_seconds: int = Field(0, ge=0)
+    cache_lease_wait_seconds: float = Field(1.0, ge=0)
 
     admin_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -23,7 +23,7 @@ log = structlog.get_logger("app.contacts")
 
 _REF_FIELD: dict[Entity, str] = {"customer": "customerId", "user": "userId"}
 
-Enrichment = Literal["complete", "partial"]
+Enrichment = Literal["complete", "stale", "partial"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class EnrichedPage:
     hits: int
     misses: int
     crm_calls: int
+    refreshes: int
     invalid_ids: int
 
 
@@ -77,7 +78,9 @@ class ContactsService:
             instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id
         )
         body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
-        enrichment: Enrichment = "complete" if resolution.complete else "partial"
+        enrichment: Enrichment = (
+            "partial" if not resolution.complete else "stale" if resolution.stale else "complete"
+        )
         metrics.ENRICHMENT.labels(state=enrichment).inc()
         return EnrichedPage(
             body=body,
@@ -86,6 +89,7 @@ class ContactsService:
             hits=resolution.hits,
             misses=resolution.misses,
             crm_calls=resolution.crm_calls,
+            refreshes=resolution.refreshes,
             invalid_ids=len(invalid),
         )
 

@@ -16,7 +16,7 @@ from app.cache import Cache
 from app.config import Settings
 from app.contacts import ContactsService
 from app.redis_client import build_redis
-from app.resolver import EntityResolver
+from app.resolver import CachePolicy, EntityResolver
 from app.upstream import Upstream
 
 log = structlog.get_logger("app.lifespan")
@@ -68,8 +68,14 @@ def lifespan_for(settings: Settings) -> object:
             cache,
             upstream,
             batch_size=settings.upstream_batch_size,
-            ttl=settings.cache_ttl_seconds,
-            negative_ttl=settings.cache_negative_ttl_seconds,
+            policy=CachePolicy(
+                ttl=settings.cache_ttl_seconds,
+                negative_ttl=settings.cache_negative_ttl_seconds,
+                stale=settings.cache_stale_seconds,
+                refresh_ahead=settings.cache_refresh_ahead_seconds,
+                lease_wait=settings.cache_lease_wait_seconds,
+                lease_ttl=settings.upstream_timeout_seconds,
+            ),
         )
         log.info(
             "service.start",

@@ -8,11 +8,16 @@ Misses are fetched by a task of their own, not by the request that found
 them: concurrent requests missing the same id await the same future (single
 flight), and a client that disconnects cancels only its own wait, never a
 CRM call or a Redis write that other requests depend on.
+
+Across replicas, the task first takes a short lease per id in Redis
+(`SET NX PX`, one pipeline): ids leased by another replica are awaited in
+Redis for a moment instead of fetched again, like memcache leases.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +31,8 @@ from app.upstream import CrmError, Upstream
 log = structlog.get_logger("app.resolver")
 
 NEGATIVE: Final = b"null"
+_POLL_FIRST: Final = 0.005
+_POLL_MAX: Final = 0.05
 
 
 class _Failed:
@@ -38,15 +45,33 @@ _Key = tuple[Entity, str, str]
 _Result = bytes | None | _Failed
 
 
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How long entries live and the optional behaviours around expiry (all in seconds)."""
+
+    ttl: int = 300
+    negative_ttl: int = 60
+    stale: int = 0
+    refresh_ahead: int = 0
+    lease_wait: float = 0.0
+    lease_ttl: float = 10.0
+
+    @property
+    def reads_ttls(self) -> bool:
+        return self.stale > 0 or self.refresh_ahead > 0
+
+
 @dataclass(slots=True)
 class Resolution:
     """What a page's ids resolved to: raw JSON of each object, None where there is none."""
 
     values: dict[Entity, dict[str, bytes | None]]
     complete: bool = True
+    stale: int = 0
     hits: int = 0
     misses: int = 0
     crm_calls: int = 0
+    refreshes: int = 0
     redis_ok: bool = True
     failed_ids: dict[Entity, list[str]] = field(default_factory=dict)
 
@@ -60,14 +85,12 @@ class EntityResolver:
         upstream: Upstream,
         *,
         batch_size: int,
-        ttl: int,
-        negative_ttl: int,
+        policy: CachePolicy,
     ) -> None:
         self._cache = cache
         self._upstream = upstream
         self._batch_size = batch_size
-        self._ttl = ttl
-        self._negative_ttl = negative_ttl
+        self._policy = policy
         self._inflight: dict[_Key, asyncio.Future[_Result]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: dict[str, list[int]] = {}
@@ -80,22 +103,33 @@ class EntityResolver:
         request_id: str,
     ) -> Resolution:
         """Resolve unique, valid ids of each entity; never raises for Redis or CRM failures."""
+        policy = self._policy
         keys = [self._cache.entity_key(e, instance, i) for e in ENTITIES for i in wanted[e]]
-        raws = await self._cache.read_raw(keys)
-        resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=raws is not None)
+        entries = await self._read(keys)
+        resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
+        refresh: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
+        stale: dict[_Key, bytes] = {}
+        stale_ms = policy.stale * 1000
+        refresh_ms = policy.refresh_ahead * 1000
         position = 0
         for entity in ENTITIES:
             values = resolution.values[entity]
             hits = 0
             for entity_id in wanted[entity]:
-                raw = raws[position] if raws is not None else None
+                raw, pttl = entries[position] if entries is not None else (None, -2)
                 position += 1
                 if raw is None:
                     misses[entity].append(entity_id)
+                elif stale_ms and 0 <= pttl <= stale_ms:
+                    # past its TTL, kept only to stand in if the CRM fails now
+                    misses[entity].append(entity_id)
+                    stale[(entity, instance, entity_id)] = raw
                 else:
                     values[entity_id] = None if raw == NEGATIVE else raw
                     hits += 1
+                    if refresh_ms and 0 <= pttl - stale_ms <= refresh_ms:
+                        refresh[entity].append(entity_id)
             if hits:
                 metrics.CACHE_HITS.labels(entity=entity).inc(hits)
             if misses[entity]:
@@ -105,8 +139,10 @@ class EntityResolver:
         counts = self._counts.setdefault(instance, [0, 0])
         counts[0] += resolution.hits
         counts[1] += resolution.misses
+        if any(refresh.values()):
+            resolution.refreshes = self._refresh(instance, refresh, authorization, request_id)
         if resolution.misses:
-            await self._fetch_misses(instance, misses, authorization, request_id, resolution)
+            await self._fetch_misses(instance, misses, stale, authorization, request_id, resolution)
         return resolution
 
     def forget(self, entity: Entity, instance: str, entity_id: str) -> None:
@@ -128,60 +164,125 @@ class EntityResolver:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=seconds)
 
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _read(self, keys: list[str]) -> list[tuple[bytes | None, int]] | None:
+        """Values (and remaining TTLs in ms when the policy needs them) in one round trip."""
+        if self._policy.reads_ttls:
+            return await self._cache.read_with_ttl(keys)
+        raws = await self._cache.read_raw(keys)
+        return None if raws is None else [(raw, -1) for raw in raws]
+
+    # -- fetching --------------------------------------------------------------------------
+
+    def _claim(
+        self, instance: str, ids: dict[Entity, list[str]]
+    ) -> tuple[dict[Entity, list[str]], dict[_Key, asyncio.Future[_Result]]]:
+        """Register a future for each id nobody in this process is fetching yet."""
+        loop = asyncio.get_running_loop()
+        owned: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
+        mine: dict[_Key, asyncio.Future[_Result]] = {}
+        for entity in ENTITIES:
+            for entity_id in ids[entity]:
+                key = (entity, instance, entity_id)
+                if key not in self._inflight:
+                    self._inflight[key] = mine[key] = loop.create_future()
+                    owned[entity].append(entity_id)
+        return owned, mine
+
+    def _start(
+        self,
+        instance: str,
+        owned: dict[Entity, list[str]],
+        futures: dict[_Key, asyncio.Future[_Result]],
+        authorization: str | None,
+        request_id: str,
+    ) -> None:
+        task = asyncio.create_task(
+            self._fetch_and_store(instance, owned, futures, authorization, request_id)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refresh(
+        self,
+        instance: str,
+        ids: dict[Entity, list[str]],
+        authorization: str | None,
+        request_id: str,
+    ) -> int:
+        """Fetch entries close to expiry in the background, once per id in this process."""
+        owned, mine = self._claim(instance, ids)
+        if mine:
+            for entity in ENTITIES:
+                if owned[entity]:
+                    metrics.CACHE_REFRESHES.labels(entity=entity).inc(len(owned[entity]))
+            self._start(instance, owned, mine, authorization, request_id)
+        return len(mine)
+
     async def _fetch_misses(
         self,
         instance: str,
         misses: dict[Entity, list[str]],
+        stale: dict[_Key, bytes],
         authorization: str | None,
         request_id: str,
         resolution: Resolution,
     ) -> None:
-        loop = asyncio.get_running_loop()
-        waits: list[tuple[Entity, str, asyncio.Future[_Result]]] = []
-        owned: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
-        mine: dict[_Key, asyncio.Future[_Result]] = {}
-        for entity in ENTITIES:
-            for entity_id in misses[entity]:
-                key = (entity, instance, entity_id)
-                future = self._inflight.get(key)
-                if future is None:
-                    future = loop.create_future()
-                    self._inflight[key] = mine[key] = future
-                    owned[entity].append(entity_id)
-                waits.append((entity, entity_id, future))
+        owned, mine = self._claim(instance, misses)
         if mine:
-            batches = [
-                (entity, ids[start : start + self._batch_size])
-                for entity, ids in owned.items()
-                for start in range(0, len(ids), self._batch_size)
-            ]
-            resolution.crm_calls = len(batches)
-            task = asyncio.create_task(
-                self._fetch_and_store(instance, batches, mine, authorization, request_id)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            resolution.crm_calls = sum(-(-len(ids) // self._batch_size) for ids in owned.values())
+            self._start(instance, owned, mine, authorization, request_id)
+        waits = [
+            (entity, entity_id, self._inflight.get((entity, instance, entity_id)))
+            for entity in ENTITIES
+            for entity_id in misses[entity]
+        ]
+        pending = [future for _, _, future in waits if future is not None]
         # asyncio.wait never cancels what it waits for: a cancelled request leaves the
         # shared futures, and the task that fills them, running for everyone else.
-        await asyncio.wait([future for _, _, future in waits])
+        if pending:
+            await asyncio.wait(pending)
         for entity, entity_id, future in waits:
-            result = future.result()
+            # None: an admin invalidation dropped the lookup in between; treat as failed
+            result = future.result() if future is not None else FAILED
             if isinstance(result, _Failed):
-                resolution.complete = False
-                resolution.values[entity][entity_id] = None
-                resolution.failed_ids.setdefault(entity, []).append(entity_id)
+                fallback = stale.get((entity, instance, entity_id))
+                if fallback is not None:
+                    resolution.values[entity][entity_id] = (
+                        None if fallback == NEGATIVE else fallback
+                    )
+                    resolution.stale += 1
+                    metrics.CACHE_STALE.labels(entity=entity).inc()
+                else:
+                    resolution.complete = False
+                    resolution.values[entity][entity_id] = None
+                    resolution.failed_ids.setdefault(entity, []).append(entity_id)
             else:
                 resolution.values[entity][entity_id] = result
 
     async def _fetch_and_store(
         self,
         instance: str,
-        batches: list[tuple[Entity, list[str]]],
+        owned: dict[Entity, list[str]],
         futures: dict[_Key, asyncio.Future[_Result]],
         authorization: str | None,
         request_id: str,
     ) -> None:
+        policy = self._policy
         to_store: list[tuple[_Key, bytes, int]] = []
+        mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
+        contested: list[tuple[Entity, str]] = []
+        leases: list[str] = []
+        if policy.lease_wait > 0 and self._cache.enabled:
+            lease_keys = [self._cache.lease_key(e, instance, i) for e, i in mine]
+            taken = await self._cache.take_leases(
+                lease_keys, uuid.uuid4().hex, int(policy.lease_ttl * 1000)
+            )
+            if taken is not None:
+                contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
+                mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
+                leases = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
 
         async def fetch(entity: Entity, ids: list[str]) -> None:
             try:
@@ -206,12 +307,27 @@ class EntityResolver:
                 key = (entity, instance, entity_id)
                 futures[key].set_result(raw)
                 if raw is not None:
-                    to_store.append((key, raw, self._ttl))
-                elif self._negative_ttl > 0:
-                    to_store.append((key, NEGATIVE, self._negative_ttl))
+                    to_store.append((key, raw, policy.ttl + policy.stale))
+                elif policy.negative_ttl > 0:
+                    to_store.append((key, NEGATIVE, policy.negative_ttl + policy.stale))
+
+        async def fetch_all(pairs: list[tuple[Entity, str]]) -> None:
+            by_entity = {e: [i for pe, i in pairs if pe == e] for e in ENTITIES}
+            await asyncio.gather(
+                *(
+                    fetch(entity, ids[start : start + self._batch_size])
+                    for entity, ids in by_entity.items()
+                    for start in range(0, len(ids), self._batch_size)
+                )
+            )
+
+        async def await_other_replicas() -> None:
+            left = await self._await_leased(instance, contested, futures)
+            if left:
+                await fetch_all(left)
 
         try:
-            await asyncio.gather(*(fetch(entity, ids) for entity, ids in batches))
+            await asyncio.gather(fetch_all(mine), await_other_replicas())
             # An id invalidated while its lookup was in flight was dropped from
             # `_inflight`: what was fetched may predate the change, so it is not stored.
             await self._cache.write_raw(
@@ -219,7 +335,8 @@ class EntityResolver:
                     (self._cache.entity_key(*key), raw, ttl)
                     for key, raw, ttl in to_store
                     if self._inflight.get(key) is futures[key]
-                ]
+                ],
+                release=leases,
             )
         finally:
             for key, future in futures.items():
@@ -227,3 +344,43 @@ class EntityResolver:
                     future.set_result(FAILED)
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
+
+    async def _await_leased(
+        self,
+        instance: str,
+        pairs: list[tuple[Entity, str]],
+        futures: dict[_Key, asyncio.Future[_Result]],
+    ) -> list[tuple[Entity, str]]:
+        """Wait for other replicas to store what they leased; what they did not, comes back."""
+        if not pairs:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._policy.lease_wait
+        stale_ms = self._policy.stale * 1000
+        delay = _POLL_FIRST
+        pending = list(pairs)
+        given_up: list[tuple[Entity, str]] = []
+        while pending and loop.time() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, _POLL_MAX)
+            keys = [self._cache.entity_key(e, instance, i) for e, i in pending]
+            keys += [self._cache.lease_key(e, instance, i) for e, i in pending]
+            entries = await self._cache.read_with_ttl(keys)
+            if entries is None:
+                break
+            still: list[tuple[Entity, str]] = []
+            for n, (entity, entity_id) in enumerate(pending):
+                raw, pttl = entries[n]
+                lease, _ = entries[n + len(pending)]
+                if raw is not None and (not stale_ms or pttl < 0 or pttl > stale_ms):
+                    futures[(entity, instance, entity_id)].set_result(
+                        None if raw == NEGATIVE else raw
+                    )
+                elif lease is None:
+                    given_up.append((entity, entity_id))  # the holder failed or gave up
+                else:
+                    still.append((entity, entity_id))
+            pending = still
+        if pending:
+            log.info("lease.wait_expired", instance=instance, ids=len(pending))
+        return given_up + pending

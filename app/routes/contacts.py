@@ -26,7 +26,12 @@ class AmbiguousInstance(AppError):
         200: {
             "description": "The upstream page, each item with `customer` and `user` added",
             "content": {"application/json": {}},
-            "headers": {"X-Enrichment": {"description": "complete or partial"}},
+            "headers": {
+                "X-Enrichment": {
+                    "description": "complete; stale (some objects past their TTL, the CRM "
+                    "failing); partial (some objects null because the CRM failed)"
+                }
+            },
         },
         502: {"description": "The contacts API failed"},
         504: {"description": "The contacts API timed out"},
@@ -49,6 +54,7 @@ async def list_contacts(
         cache_hits=page.hits,
         cache_misses=page.misses,
         crm_calls=page.crm_calls,
+        refreshes=page.refreshes,
         enrichment=page.enrichment,
     )
     return Response(
