@@ -10,6 +10,7 @@ import respx
 
 from app import jsonutil
 from app.breaker import CircuitBreaker, State
+from app.config import Settings
 from app.errors import BadGateway, GatewayTimeout, UpstreamRejected
 from app.routes.contacts import AmbiguousInstance, _forwarded_query
 from app.upstream import CrmError, Upstream
@@ -252,3 +253,57 @@ class TestUpstreamClient:
             await crm.entities("user", "acme", ["1"], "Bearer caller", "r")
 
         assert route.calls.last.request.headers["authorization"] == "Bearer secret"
+
+
+class TestSettings:
+    def base(self, **values: object) -> dict[str, object]:
+        return {"whatsapp_api_url": "http://wa", "crm_api_url": "http://crm", **values}
+
+    def test_defaults_are_the_specs(self) -> None:
+        settings = Settings(_env_file=None, **self.base())  # type: ignore[arg-type]
+
+        assert settings.upstream_timeout_seconds == 10
+        assert settings.upstream_batch_size == 100
+        assert settings.use_redis is True
+        assert settings.redis_url == "redis://localhost:6379/0"
+        assert settings.redis_mode == "standalone"
+        assert settings.redis_sentinel_master == "mymaster"
+        assert settings.redis_timeout_seconds == 0.25
+        assert settings.cache_ttl_seconds == 300
+        assert settings.cache_negative_ttl_seconds == 60
+        assert settings.cache_key_prefix == ""
+        assert settings.cache_refresh_ahead_seconds == 0
+        assert settings.cache_stale_seconds == 0
+        assert settings.admin_token is None
+        assert (settings.log_level, settings.log_format) == ("info", "json")
+
+    def test_reads_the_environment_names_of_the_spec(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("WHATSAPP_API_URL", "http://wa.example/")
+        monkeypatch.setenv("CRM_API_URL", "http://crm.example")
+        monkeypatch.setenv("USE_REDIS", "false")
+        monkeypatch.setenv("REDIS_SENTINELS", "h1:26379,h2:26380")
+        monkeypatch.setenv("CRM_API_TOKEN", "s3cr3t-value")
+        monkeypatch.setenv("ADMIN_TOKEN", "")
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+
+        assert settings.whatsapp_api_url == "http://wa.example"
+        assert settings.use_redis is False
+        assert settings.sentinel_hosts == [("h1", 26379), ("h2", 26380)]
+        assert settings.crm_api_token is not None
+        assert settings.crm_api_token.get_secret_value() == "s3cr3t-value"
+        assert "s3cr3t-value" not in repr(settings)
+        assert settings.admin_token is None, "an empty value means unset"
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {"whatsapp_api_url": "ftp://x"},
+            {"redis_url": "http://localhost"},
+            {"upstream_batch_size": 101},
+            {"redis_mode": "sentinel"},
+            {"log_format": "xml"},
+        ],
+    )
+    def test_refuses_bad_values(self, values: dict[str, object]) -> None:
+        with pytest.raises(ValueError):
+            Settings(_env_file=None, **self.base(**values))  # type: ignore[arg-type]
