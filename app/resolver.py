@@ -197,9 +197,13 @@ class EntityResolver:
         futures: dict[_Key, asyncio.Future[_Result]],
         authorization: str | None,
         request_id: str,
+        *,
+        leases: bool = True,
     ) -> None:
         task = asyncio.create_task(
-            self._fetch_and_store(instance, owned, futures, authorization, request_id)
+            self._fetch_and_store(
+                instance, owned, futures, authorization, request_id, leases=leases
+            )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -232,7 +236,10 @@ class EntityResolver:
         owned, mine = self._claim(instance, misses)
         if mine:
             resolution.crm_calls = sum(-(-len(ids) // self._batch_size) for ids in owned.values())
-            self._start(instance, owned, mine, authorization, request_id)
+            # After a failed read, a lease round trip would only add a second timeout.
+            self._start(
+                instance, owned, mine, authorization, request_id, leases=resolution.redis_ok
+            )
         waits = [
             (entity, entity_id, self._inflight.get((entity, instance, entity_id)))
             for entity in ENTITIES
@@ -268,13 +275,15 @@ class EntityResolver:
         futures: dict[_Key, asyncio.Future[_Result]],
         authorization: str | None,
         request_id: str,
+        *,
+        leases: bool,
     ) -> None:
         policy = self._policy
         to_store: list[tuple[_Key, bytes, int]] = []
         mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
         contested: list[tuple[Entity, str]] = []
-        leases: list[str] = []
-        if policy.lease_wait > 0 and self._cache.enabled:
+        held: list[str] = []
+        if leases and policy.lease_wait > 0 and self._cache.enabled:
             lease_keys = [self._cache.lease_key(e, instance, i) for e, i in mine]
             taken = await self._cache.take_leases(
                 lease_keys, uuid.uuid4().hex, int(policy.lease_ttl * 1000)
@@ -282,7 +291,7 @@ class EntityResolver:
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
-                leases = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
+                held = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
 
         async def fetch(entity: Entity, ids: list[str]) -> None:
             try:
@@ -336,7 +345,7 @@ class EntityResolver:
                     for key, raw, ttl in to_store
                     if self._inflight.get(key) is futures[key]
                 ],
-                release=leases,
+                release=held,
             )
         finally:
             for key, future in futures.items():

@@ -69,8 +69,9 @@ class TestRedisHung:
     async def test_no_request_waits_much_past_the_redis_timeout(
         self, start_service: StartService, redis_server: RedisServer
     ) -> None:
+        timeout = 0.5
         service = await start_service(
-            redis_timeout_seconds=TIMEOUT, redis_breaker_cooldown_seconds=30
+            redis_timeout_seconds=timeout, redis_breaker_cooldown_seconds=30
         )
         assert fully_enriched(await service.get(PAGE))
         redis_server.pause()
@@ -82,9 +83,11 @@ class TestRedisHung:
 
         for response, elapsed in results + later:
             assert fully_enriched(response)
-            assert elapsed < TIMEOUT * 2 + 1.0
+            # one timeout at most (the read; the lease and the write are skipped or
+            # in the background), with room for a loaded machine, but less than two
+            assert elapsed < timeout * 1.8
         # once the breaker is open, Redis costs nothing: later requests are as fast as the CRM
-        assert max(elapsed for _, elapsed in later) < TIMEOUT
+        assert max(elapsed for _, elapsed in later) < timeout / 2
 
     async def test_breaker_recovers_after_the_hang(
         self, start_service: StartService, redis_server: RedisServer

@@ -33,14 +33,22 @@ class TestLeasesAcrossReplicas:
         self, start_service: StartService, sim: Sim, redis_server: RedisServer
     ) -> None:
         sim.state.latency_ms.update(customers=150, users=150)
-        without = [await start_service(cache_lease_wait_seconds=0) for _ in range(3)]
+        # three replicas share this test's event loop: a roomy Redis timeout keeps a busy
+        # loop from being mistaken for a slow Redis (which would skip the leases)
+        without = [
+            await start_service(cache_lease_wait_seconds=0, redis_timeout_seconds=3)
+            for _ in range(3)
+        ]
         responses = await cold_stampede(without, 100)
         baseline = fetches_per_unique_id(sim)
         assert all(r.status_code == 200 for r in responses)
 
         redis_server.client().flushall()
         sim.state.reset()
-        leased = [await start_service(cache_lease_wait_seconds=2) for _ in range(3)]
+        leased = [
+            await start_service(cache_lease_wait_seconds=2, redis_timeout_seconds=3)
+            for _ in range(3)
+        ]
         responses = await cold_stampede(leased, 100)
         with_leases = fetches_per_unique_id(sim)
 
