@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -36,14 +37,24 @@ def get_contacts_service(request: Request) -> ContactsService:
 
 
 def require_admin(request: Request) -> None:
-    """`Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time; 404 when unset."""
+    """`Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time; 404 when unset.
+
+    Runs before the path is validated, so a caller without the token learns
+    nothing about which paths exist or what they accept.
+    """
     settings: Settings = request.state.settings
     if settings.admin_token is None:
         raise NotFound()
-    expected = f"Bearer {settings.admin_token.get_secret_value()}".encode()
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, expected):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.get_secret_value()
+    # Digests of equal length, so neither the content nor the length of the token leaks.
+    matches = hmac.compare_digest(_digest(given.strip()), _digest(expected))
+    if scheme.lower() != "bearer" or not matches:
         raise Unauthorized()
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,13 @@ async def _validation_error_handler(_: Any, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; `settings` defaults to the environment (tests pass their own)."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    secrets = [s.get_secret_value() for s in (settings.crm_api_token, settings.admin_token) if s]
+    redis_password = urlsplit(settings.redis_url).password
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=[*secrets, *([redis_password] if redis_password else [])],
+    )
     app = FastAPI(
         title="Enriched contacts",
         description=description or "",

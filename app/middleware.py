@@ -5,14 +5,20 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
+from app.jsonutil import dumps
+from app.validation import is_valid_instance
 
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Probes and scrapes arrive every few seconds: their lines are debug, not info.
+_QUIET_ROUTES: Final = frozenset({"/health", "/metrics"})
+_INTERNAL_ERROR: Final = dumps({"detail": "internal error"})
 
 log = structlog.get_logger("app.access")
 
@@ -21,6 +27,9 @@ class RequestContextMiddleware:
     """Binds `X-Request-ID` (the caller's, or a new one) for every log line and echoes it.
 
     Handlers add fields to the request's log line through `scope["state"]["log"]`.
+    An exception no handler turned into a response becomes a JSON 500 here, so the
+    caller still gets `{"detail": ...}` and the request id, and the request's one
+    log line carries the traceback.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -32,46 +41,89 @@ class RequestContextMiddleware:
             return
         request_id = _request_id(scope)
         fields: dict[str, Any] = {}
-        scope.setdefault("state", {})
-        scope["state"]["request_id"] = request_id
-        scope["state"]["log"] = fields
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["log"] = fields
         status = 500
+        response_started = False
         started = time.perf_counter()
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        error: Exception | None = None
         try:
             await self.app(scope, receive, send_with_id)
-        finally:
-            seconds = time.perf_counter() - started
-            route = scope.get("route")
-            route_name = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            metrics.HTTP_REQUESTS.labels(method=method, route=route_name, status=status).inc()
-            metrics.HTTP_DURATION.labels(method=method, route=route_name).observe(seconds)
-            if route_name not in ("/health", "/metrics"):
-                log.info(
-                    "request",
-                    method=method,
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round(seconds * 1000, 2),
-                    **fields,
-                )
-            structlog.contextvars.unbind_contextvars("request_id")
+        except Exception as exc:
+            error = exc
+            if response_started:
+                # Too late for a 500: uvicorn logs it (with the request id still
+                # bound) and closes the connection, so the client sees a cut response.
+                _observe(scope, status, time.perf_counter() - started, fields, error)
+                raise
+            await _send_internal_error(send_with_id)
+        _observe(scope, status, time.perf_counter() - started, fields, error)
+        structlog.contextvars.reset_contextvars(**tokens)
+
+
+def _observe(
+    scope: Scope, status: int, seconds: float, fields: dict[str, Any], error: Exception | None
+) -> None:
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    method = scope["method"] if scope["method"] in _METHODS else "other"
+    metrics.HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+    metrics.HTTP_DURATION.labels(method=method, route=route).observe(seconds)
+    line: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "instance": _path_instance(scope),
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "cache_hits": 0,
+        "cache_misses": 0,
+        "crm_calls": 0,
+        **fields,
+    }
+    if error is not None:
+        log.error("request", **line, exc_info=error)
+    elif status >= 500:
+        log.warning("request", **line)
+    elif route in _QUIET_ROUTES:
+        log.debug("request", **line)
+    else:
+        log.info("request", **line)
+
+
+def _path_instance(scope: Scope) -> str | None:
+    instance = scope.get("path_params", {}).get("instance")
+    return instance if isinstance(instance, str) and is_valid_instance(instance) else None
+
+
+async def _send_internal_error(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_INTERNAL_ERROR)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
 
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             if _VALID_REQUEST_ID.match(value):
-                return value.decode()
+                return bytes(value).decode()
             break
     return uuid.uuid4().hex

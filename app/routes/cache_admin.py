@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import structlog
 from fastapi import APIRouter, Path, Response
 
+from app import metrics
 from app.cache import Entity
 from app.deps import AdminDep, CacheDep, InstancePath, ResolverDep
 from app.errors import AppError
 
-router = APIRouter(prefix="/cache", tags=["cache"], dependencies=[AdminDep])
+log = structlog.get_logger("app.cache_admin")
+
+router = APIRouter(
+    prefix="/cache",
+    tags=["cache"],
+    dependencies=[AdminDep],
+    responses={
+        401: {"description": "Missing or wrong `Authorization: Bearer <ADMIN_TOKEN>`"},
+        404: {"description": "`ADMIN_TOKEN` is unset: the admin API is off"},
+    },
+)
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Redis is down or disabled; nothing was changed"}
+}
 
 _ENTITY: dict[str, Entity] = {"customers": "customer", "users": "user"}
 IdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="customer or user id")]
@@ -26,7 +41,12 @@ class CacheUnavailable(AppError):
     detail = "redis is unavailable or disabled; nothing was changed"
 
 
-@router.delete("/{instance}/{kind}/{entity_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/{instance}/{kind}/{entity_id}",
+    status_code=204,
+    response_class=Response,
+    responses=_UNAVAILABLE,
+)
 async def invalidate_one(
     instance: InstancePath,
     kind: Literal["customers", "users"],
@@ -42,12 +62,15 @@ async def invalidate_one(
         raise InvalidId()
     entity = _ENTITY[kind]
     resolver.forget(entity, instance, entity_id)
-    if await cache.unlink_keys([cache.entity_key(entity, instance, entity_id)]) is None:
+    deleted = await cache.unlink_keys([cache.entity_key(entity, instance, entity_id)])
+    if deleted is None:
         raise CacheUnavailable()
+    metrics.CACHE_INVALIDATIONS.labels(scope=entity).inc()
+    log.info("cache.invalidated", instance=instance, entity=entity, id=entity_id, deleted=deleted)
     return Response(status_code=204)
 
 
-@router.delete("/{instance}")
+@router.delete("/{instance}", responses=_UNAVAILABLE)
 async def clear_instance(
     instance: InstancePath, cache: CacheDep, resolver: ResolverDep
 ) -> dict[str, int]:
@@ -59,6 +82,8 @@ async def clear_instance(
         if count is None:
             raise CacheUnavailable()
         deleted += count
+    metrics.CACHE_INVALIDATIONS.labels(scope="instance").inc()
+    log.info("cache.cleared", instance=instance, deleted=deleted)
     return {"deleted": deleted}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from app import metrics
 from app.deps import CacheDep
@@ -17,6 +17,7 @@ async def health(cache: CacheDep) -> dict[str, str]:
 
 
 @router.get("/metrics", response_class=Response)
-async def prometheus_metrics() -> Response:
-    body, content_type = metrics.render()
-    return Response(body, media_type=content_type)
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition; with several workers, the sum over all of them."""
+    body, content_type = metrics.render(request.headers.get("accept", ""))
+    return Response(body, headers={"content-type": content_type})
