@@ -37,6 +37,7 @@ class EnrichedPage:
     misses: int
     crm_calls: int
     refreshes: int
+    crm_wait: float
     invalid_ids: int
 
 
@@ -90,6 +91,7 @@ class ContactsService:
             misses=resolution.misses,
             crm_calls=resolution.crm_calls,
             refreshes=resolution.refreshes,
+            crm_wait=resolution.crm_wait,
             invalid_ids=len(invalid),
         )
 

@@ -17,6 +17,7 @@ Redis for a moment instead of fetched again, like memcache leases.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Resolution:
     misses: int = 0
     crm_calls: int = 0
     refreshes: int = 0
+    crm_wait: float = 0.0
     redis_ok: bool = True
     failed_ids: dict[Entity, list[str]] = field(default_factory=dict)
 
@@ -249,7 +251,9 @@ class EntityResolver:
         # asyncio.wait never cancels what it waits for: a cancelled request leaves the
         # shared futures, and the task that fills them, running for everyone else.
         if pending:
+            started = time.perf_counter()
             await asyncio.wait(pending)
+            resolution.crm_wait = time.perf_counter() - started
         for entity, entity_id, future in waits:
             # None: an admin invalidation dropped the lookup in between; treat as failed
             result = future.result() if future is not None else FAILED

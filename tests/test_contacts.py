@@ -57,9 +57,7 @@ class TestEnrichedPage:
     ) -> None:
         body = (await service.get("/contacts?instance=acme&per_page=300")).json()
         null_refs = [c for c in body["data"] if c["customerId"] is None]
-        missing = [
-            c for c in body["data"] if c["customerId"] is not None and c["customer"] is None
-        ]
+        missing = [c for c in body["data"] if c["customerId"] is not None and c["customer"] is None]
         missing_users = [c for c in body["data"] if c["userId"] is not None and c["user"] is None]
 
         assert null_refs and all(c["customer"] is None for c in null_refs)
@@ -117,6 +115,18 @@ class TestEnrichedPage:
 
         assert response.status_code == 200
         assert sim.state.last_query["contacts"] == "per_page=3&page=1"
+
+    async def test_server_timing_tells_which_responses_waited_for_the_crm(
+        self, service: Service, sim: Sim
+    ) -> None:
+        sim.state.latency_ms.update(customers=50)
+        cold = await service.get("/contacts?instance=acme&per_page=10")
+        await service.settle()
+        warm = await service.get("/contacts?instance=acme&per_page=10")
+
+        assert cold.headers["server-timing"].startswith("crm;dur=")
+        assert float(cold.headers["server-timing"].split("=")[1]) >= 45
+        assert "server-timing" not in warm.headers
 
     async def test_complete_enrichment_is_announced(self, service: Service) -> None:
         response = await service.get("/contacts?instance=acme&per_page=10")

@@ -27,10 +27,13 @@ class AmbiguousInstance(AppError):
             "description": "The upstream page, each item with `customer` and `user` added",
             "content": {"application/json": {}},
             "headers": {
+                "Server-Timing": {
+                    "description": "`crm;dur=<ms>` when the request waited for the CRM"
+                },
                 "X-Enrichment": {
                     "description": "complete; stale (some objects past their TTL, the CRM "
                     "failing); partial (some objects null because the CRM failed)"
-                }
+                },
             },
         },
         502: {"description": "The contacts API failed"},
@@ -57,9 +60,12 @@ async def list_contacts(
         refreshes=page.refreshes,
         enrichment=page.enrichment,
     )
-    return Response(
-        page.body, media_type="application/json", headers={"x-enrichment": page.enrichment}
-    )
+    headers = {"x-enrichment": page.enrichment}
+    if page.crm_wait:
+        # Server-Timing shows in browsers' dev tools and tells callers (and tests)
+        # which responses waited for the CRM.
+        headers["server-timing"] = f"crm;dur={page.crm_wait * 1000:.1f}"
+    return Response(page.body, media_type="application/json", headers=headers)
 
 
 def _forwarded_query(raw: bytes) -> str:
