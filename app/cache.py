@@ -102,7 +102,13 @@ class Cache:
                 pipe.get(key)
                 pipe.pttl(key)
             replies = await pipe.execute()
-            return [(replies[n], int(replies[n + 1])) for n in range(0, len(replies), 2)]
+            # On a cluster, a node that is down leaves its exception as its replies: a miss.
+            return [
+                (None, -2)
+                if isinstance(replies[n], Exception) or isinstance(replies[n + 1], Exception)
+                else (replies[n], int(replies[n + 1]))
+                for n in range(0, len(replies), 2)
+            ]
 
         entries: list[tuple[bytes | None, int]] | None = await self._run(
             "get_pttl_pipeline", read, None
@@ -118,7 +124,8 @@ class Cache:
             pipe = client.pipeline(transaction=False)
             for key in keys:
                 pipe.set(key, token, nx=True, px=ttl_ms)
-            return [bool(reply) for reply in await pipe.execute()]
+            # A lease whose node is down cannot be coordinated: fetch the id as if taken.
+            return [isinstance(reply, Exception) or bool(reply) for reply in await pipe.execute()]
 
         taken: list[bool] | None = await self._run("lease_pipeline", take, None)
         return taken
@@ -276,7 +283,12 @@ async def _unlink(client: RedisClient, keys: Sequence[bytes | str]) -> int:
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.unlink(key)
-    return sum(int(n) for n in await pipe.execute())
+    replies = await pipe.execute()
+    # On a cluster, the keys of a node that is down are still there: not done, say so.
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is not None:
+        raise failed
+    return sum(int(n) for n in replies)
 
 
 def _decode(raw: bytes | str | None) -> Any:

@@ -82,10 +82,10 @@ def settings_for(sim: Sim, redis: RedisServer | None, **overrides: Any) -> Setti
 
 @pytest.fixture
 async def start_service(sim: Sim, redis_server: RedisServer) -> AsyncIterator[StartService]:
-    """Start the service (overrides as Settings fields); `redis=None` runs it with USE_REDIS=false."""
+    """Start the service (overrides are Settings fields); `redis=None` means USE_REDIS=false."""
     running: list[tuple[InProcessServer, httpx.AsyncClient]] = []
 
-    async def start(redis: RedisServer | None | str = "default", **overrides: Any) -> Service:
+    async def start(redis: RedisServer | str | None = "default", **overrides: Any) -> Service:
         target = redis_server if redis == "default" else redis
         assert not isinstance(target, str)
         app = create_app(settings_for(sim, target, **overrides))

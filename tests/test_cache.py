@@ -49,9 +49,7 @@ class TestKeysValuesAndTtls:
             assert redis.get(key) == b"null"
             assert 55 <= redis.ttl(key) <= 60
 
-    async def test_negative_entries_are_hits_next_time(
-        self, service: Service, sim: Sim
-    ) -> None:
+    async def test_negative_entries_are_hits_next_time(self, service: Service, sim: Sim) -> None:
         await service.get("/contacts?instance=acme&per_page=200")
         await service.settle()
         calls = dict(sim.stats()["calls"])
@@ -72,7 +70,8 @@ class TestKeysValuesAndTtls:
         redis = redis_server.client()
         keys = [k.decode() for k in redis.scan_iter(count=1000)]
 
-        assert keys and all(k.startswith(("svc1:customer:acme:", "svc1:user:acme:")) for k in keys)
+        assert keys
+        assert all(k.startswith(("svc1:customer:acme:", "svc1:user:acme:")) for k in keys)
         assert 115 <= redis.ttl("svc1:customer:acme:1") <= 120
         assert 5 <= redis.ttl("svc1:customer:acme:97") <= 10  # 97 does not exist in the CRM
 
@@ -131,7 +130,7 @@ class TestRoundTrips:
         # one pipeline of SET NX PX (the leases), one of SET EX + UNLINK (values, lease release)
         assert commands["set"] == 2 * len(unique)
         assert commands["unlink"] == len(unique)
-        assert "multi" not in commands and "exec" not in commands and "expire" not in commands
+        assert not {"multi", "exec", "expire"} & set(commands)
 
     async def test_partially_warm_page_fetches_only_the_misses(
         self, service: Service, sim: Sim
@@ -162,9 +161,7 @@ class TestSingleFlight:
         assert stats["max_fetches_per_id"] == {"customers": 1, "users": 1}
         assert stats["ids_requested"]["customers"] == stats["unique_ids_requested"]["customers"]
 
-    async def test_overlapping_pages_share_the_common_ids(
-        self, service: Service, sim: Sim
-    ) -> None:
+    async def test_overlapping_pages_share_the_common_ids(self, service: Service, sim: Sim) -> None:
         sim.state.latency_ms.update(customers=100, users=100)
         await asyncio.gather(
             service.get("/contacts?instance=acme&per_page=300&page=1"),

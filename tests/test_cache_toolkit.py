@@ -75,7 +75,8 @@ class TestWithRedis:
         assert 495 <= client.ttl("t:b") <= 500
         assert client.ttl("t:c") == -1
         commands = redis_server.command_counts()
-        assert commands["set"] == 3 and "multi" not in commands
+        assert commands["set"] == 3
+        assert "multi" not in commands
 
     async def test_mdel_and_clear_touch_only_matching_keys_under_the_prefix(
         self, cache: Cache, redis_server: RedisServer

@@ -57,17 +57,25 @@ class TestInvalidIdsFromUpstream:
 
         body = response.json()
         assert response.status_code == 200
-        bad = [c for c in body["data"] if isinstance(c["customerId"], str) and (
-            c["customerId"] in (".", "..") or "/" in c["customerId"] or " " in c["customerId"]
-            or len(c["customerId"]) > 64
-        )]
+        bad = [
+            c
+            for c in body["data"]
+            if isinstance(c["customerId"], str)
+            and (
+                c["customerId"] in (".", "..")
+                or "/" in c["customerId"]
+                or " " in c["customerId"]
+                or len(c["customerId"]) > 64
+            )
+        ]
         assert bad, "the simulated page carries malformed ids"
         assert all(c["customer"] is None for c in bad)
         requested = sim.state.last_query["customers"]
         for contact in bad:
             assert f",{contact['customerId']}," not in f",{requested},"
         keys = [k.decode() for k in redis_server.client().scan_iter(count=1000)]
-        assert keys and all("/" not in k and " " not in k and ":..:" not in k for k in keys)
+        assert keys
+        assert all("/" not in k and " " not in k and ":..:" not in k for k in keys)
         assert any("contacts.invalid_ids" in r.getMessage() for r in caplog.records)
 
 
@@ -125,9 +133,7 @@ class TestWhatsappFailures:
         assert response.status_code == 502
         assert "detail" in response.json()
 
-    async def test_hang_is_504_at_the_deadline(
-        self, start_service: StartService, sim: Sim
-    ) -> None:
+    async def test_hang_is_504_at_the_deadline(self, start_service: StartService, sim: Sim) -> None:
         service = await start_service(upstream_timeout_seconds=0.5)
         sim.state.fail["contacts"] = Failure(hang=True)
         started = time.monotonic()
@@ -165,8 +171,11 @@ def _trickling_upstream(chunks: int, every: float):
             await send({"type": "lifespan.shutdown.complete"})
             return
         await send(
-            {"type": "http.response.start", "status": 200,
-             "headers": [(b"content-type", b"application/json")]}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
         )
         await send({"type": "http.response.body", "body": b'{"data": [', "more_body": True})
         for _ in range(chunks):
@@ -265,9 +274,7 @@ class TestForwardedHeaders:
         assert sim.state.last_headers["customers"]["authorization"] == "Bearer crm-token"
         assert sim.state.last_headers["users"]["authorization"] == "Bearer crm-token"
 
-    async def test_request_id_is_generated_when_absent(
-        self, service: Service, sim: Sim
-    ) -> None:
+    async def test_request_id_is_generated_when_absent(self, service: Service, sim: Sim) -> None:
         one = await service.get("/contacts?instance=acme&per_page=2")
         two = await service.get("/contacts?instance=acme&per_page=2")
 

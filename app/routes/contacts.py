@@ -60,7 +60,7 @@ async def list_contacts(
         refreshes=page.refreshes,
         enrichment=page.enrichment,
     )
-    headers = {"x-enrichment": page.enrichment}
+    headers: dict[str, str] = {"x-enrichment": page.enrichment}
     if page.crm_wait:
         # Server-Timing shows in browsers' dev tools and tells callers (and tests)
         # which responses waited for the CRM.
