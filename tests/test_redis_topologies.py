@@ -209,12 +209,16 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[RedisClusterFixture]:
 
 
 @pytest.fixture
-async def cluster_service(start_service: StartService, cluster: RedisClusterFixture) -> Service:
+async def cluster_service(
+    request: pytest.FixtureRequest, start_service: StartService, cluster: RedisClusterFixture
+) -> Service:
+    extra: dict[str, Any] = getattr(request, "param", {})
     return await start_service(
         redis_mode="cluster",
         redis_url=cluster.url,
         redis_timeout_seconds=TIMEOUT,
         admin_token=ADMIN_TOKEN,
+        **extra,
     )
 
 
@@ -312,10 +316,16 @@ class TestRedisCluster:
         assert all(size == 0 for size in cluster.dbsize_by_port().values())
 
     @pytest.mark.parametrize(
-        ("cluster", "failure"),
-        [(False, "kill"), (False, "hang"), (True, "kill")],
-        indirect=["cluster"],
-        ids=["killed", "hung", "killed-full-coverage"],
+        ("cluster", "failure", "cluster_service"),
+        [
+            (False, "kill", {}),
+            (False, "hang", {}),
+            (True, "kill", {}),
+            # the TTL-aware read (GET + PTTL pipeline) must degrade per node the same way
+            (False, "kill", {"cache_refresh_ahead_seconds": 30}),
+        ],
+        indirect=["cluster", "cluster_service"],
+        ids=["killed", "hung", "killed-full-coverage", "killed-refresh-ahead"],
     )
     async def test_a_failed_master_is_survived_and_its_replica_takes_over(
         self,
