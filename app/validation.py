@@ -20,14 +20,11 @@ def normalize_id(raw: object) -> str | None:
     Integers and strings are ids; booleans, floats, objects and anything that
     could escape a key or a URL (`..`, `/`, spaces, over 64 characters) are not.
     """
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
+    if type(raw) is int:  # the common case (and not bool): digits and a sign are safe
         text = str(raw)
-    elif isinstance(raw, str):
-        text = raw
-    else:
+        return text if len(text) <= 64 else None
+    if not isinstance(raw, str):
+        return None  # bool, float, list, dict
+    if raw in (".", "..") or _ID.fullmatch(raw) is None:
         return None
-    if text in (".", "..") or _ID.fullmatch(text) is None:
-        return None
-    return text
+    return raw
