@@ -6,10 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
-import httpx
 import structlog
 from fastapi import FastAPI
-from httpx_aiohttp import AiohttpTransport
 
 from app.breaker import CircuitBreaker
 from app.cache import Cache
@@ -17,7 +15,7 @@ from app.config import Settings
 from app.contacts import ContactsService
 from app.redis_client import build_redis
 from app.resolver import CachePolicy, EntityResolver
-from app.upstream import Upstream
+from app.upstream import AiohttpClient, Upstream
 
 log = structlog.get_logger("app.lifespan")
 
@@ -31,17 +29,9 @@ class State(TypedDict):
     contacts: ContactsService
 
 
-def build_http_client(settings: Settings) -> httpx.AsyncClient:
-    """One pooled client for both upstreams, on aiohttp's transport (see README: performance)."""
-    limits = httpx.Limits(
-        max_connections=settings.upstream_max_connections,
-        max_keepalive_connections=settings.upstream_max_connections,
-    )
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        timeout=httpx.Timeout(None),  # the whole-call deadline is enforced per call
-        follow_redirects=False,
-    )
+def build_http_client(settings: Settings) -> AiohttpClient:
+    """One pooled client for both upstreams, on aiohttp (see app.upstream and bench/README.md)."""
+    return AiohttpClient(max_connections=settings.upstream_max_connections)
 
 
 def lifespan_for(settings: Settings) -> object:

@@ -1,0 +1,303 @@
+"""The results: a markdown report (printed and written), a JSON file and a chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Section
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 0
+
+    def version(*args: str) -> str:
+        if shutil.which(args[0]) is None:
+            return "not installed"
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        text = (out.stdout or out.stderr).strip().splitlines()
+        return text[0] if text else "unknown"
+
+    def git(*args: str) -> str:
+        return version("git", "-C", str(REPO), *args)
+
+    return {
+        "nproc": cpus,
+        "cpu_model": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "node": version("node", "--version"),
+        "redis": version("redis-server", "--version"),
+        "wrk": version("wrk", "--version"),
+        "loadavg_start": os.getloadavg(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def summary_rows(sections: dict[str, Section]) -> list[list[str]]:
+    """The issue's targets, each with what this run measured."""
+    rows: list[list[str]] = []
+
+    def add(check: str, measured: str, target: str, met: bool | None) -> None:
+        verdict = "—" if met is None else ("yes" if met else "**no**")
+        rows.append([check, measured, target, verdict])
+
+    if "warm" in sections:
+        d = sections["warm"].data
+        svc = d["targets"]["service"]
+        ratio = d["service_vs_node"]
+        if ratio is not None:
+            node = d["targets"]["node"]
+            add(
+                "warm throughput, service / Node.js",
+                f"{ratio:.2f}× ({svc['rps']:,.0f} vs {node['rps']:,.0f} req/s)",
+                "≥ 1.2×",
+                ratio >= 1.2,
+            )
+        else:
+            add("warm throughput, service", f"{svc['rps']:,.0f} req/s", "≥ 1.2× Node", None)
+        cpu = d.get("node_cpu_per_request_over_service")
+        main = d.get("node_main_thread_cpu_per_request_over_service")
+        if cpu is not None and main is not None:
+            node = d["targets"]["node"]
+            add(
+                "warm CPU per request, Node.js / service: process, main thread",
+                f"{cpu:.2f}× ({node['cpu_ms_per_request']:.2f} vs"
+                f" {svc['cpu_ms_per_request']:.2f} ms), {main:.2f}×"
+                f" ({node['main_thread_cpu_ms_per_request']:.2f} vs"
+                f" {svc['main_thread_cpu_ms_per_request']:.2f} ms)",
+                "(reported)",
+                None,
+            )
+        gap = d["service_p50_minus_passthrough_ms"]
+        if gap is not None:
+            add(
+                "warm p50 (1 connection), service − pass-through",
+                f"{gap:+.2f} ms",
+                "≤ 1 ms",
+                gap <= 1.0,
+            )
+    if "counts" in sections:
+        for row in sections["counts"].data["rows"]:
+            if row["name"] == "service" and row["case"].startswith("warm, every"):
+                trips = row["service_round_trips"]
+                measured = (
+                    f"{trips:g} round trip(s), {row['redis_reads']:g} socket read(s),"
+                    f" {row['crm_calls']:g} CRM calls"
+                )
+                add(
+                    "warm request: Redis round trips, CRM calls",
+                    measured,
+                    "1 and 0",
+                    trips == 1 and row["crm_calls"] == 0,
+                )
+    if "cold" in sections:
+        d = sections["cold"].data
+        over = d["service_overhead_ms"]
+        add(
+            "cold p50 − (contacts + one CRM latency)",
+            f"{over:+.1f} ms ({d['targets']['service']['p50_ms']:.1f} ms vs {d['expected_ms']:g})",
+            "≤ +5 ms",
+            over <= 5.0,
+        )
+        direct = d["service_overhead_vs_direct_ms"]
+        add(
+            "cold p50 − the same upstream calls made directly",
+            f"{direct:+.1f} ms (vs {d['upstream_direct_ms']:.1f} ms)",
+            "≤ +5 ms",
+            direct <= 5.0,
+        )
+    if "memory" in sections:
+        m = sections["memory"].data["targets"]["service"]
+        growth = m["rss_growth_kib"] / 1024
+        add(
+            f"RSS growth after {m['distinct_customers']:,} customers",
+            f"{growth:+.1f} MiB",
+            "< 10 MiB",
+            growth < 10,
+        )
+        add(
+            "Redis memory per 100k cached customers",
+            f"{m['redis_bytes_per_100k_customers'] / 2**20:.1f} MiB",
+            "(reported)",
+            None,
+        )
+    if "startup" in sections:
+        s = sections["startup"].data["service"]["median_s"]
+        add("start-up to /health 200", f"{s:.3f} s", "< 1 s", s < 1.0)
+    if "stampede" in sections:
+        st = sections["stampede"].data["targets"]["service"]
+        add(
+            "stampede: CRM fetches per unique id",
+            f"{st['fetches_per_unique_id']:.2f} (max {st['max_fetches_per_id']})",
+            "1",
+            st["max_fetches_per_id"] == 1,
+        )
+    return rows
+
+
+def table(columns: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(sections: dict[str, Section], machine: dict[str, Any], command: str) -> str:
+    parts = [
+        "# Benchmark results",
+        "",
+        f"{machine['date']} · `{command}` · commit {machine['git_commit']}"
+        + (" (with uncommitted changes)" if machine["git_dirty"] else ""),
+        "",
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB,"
+        f" Linux {machine['kernel']}, Python {machine['python']}, Node {machine['node']},"
+        f" {machine['redis'].split(' sha=')[0]}, {machine['wrk'].split(' [')[0]};"
+        f" load average at start {', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}."
+        " Everything (load generator included) shares these CPUs.",
+        "",
+    ]
+    summary = summary_rows(sections)
+    if summary:
+        parts += ["## Summary", "", table(["check", "measured", "target", "met"], summary), ""]
+    for section in sections.values():
+        parts += [f"## {section.title}", "", table(section.columns, section.rows), ""]
+        parts += [*section.notes, ""] if section.notes else []
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_json(
+    path: Path, sections: dict[str, Section], machine: dict[str, Any], args: Any
+) -> None:
+    payload = {
+        "machine": machine,
+        "args": args,
+        "summary": summary_rows(sections),
+        "scenarios": {
+            key: {"title": s.title, "columns": s.columns, "rows": s.rows, "data": s.data}
+            for key, s in sections.items()
+        },
+    }
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_chart(out_dir: Path, sections: dict[str, Section]) -> Path | None:
+    """A PNG with matplotlib (the `bench` extra); without it, a hand-written SVG."""
+    bars = _chart_data(sections)
+    if not bars:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        path = out_dir / "bench.svg"
+        path.write_text(_svg(bars))
+        return path
+    fig, axes = plt.subplots(1, len(bars), figsize=(5.2 * len(bars), 4.2), squeeze=False)
+    # first match wins: the specific labels before plain "service"
+    colors = {"USE_REDIS": "#1971c2", "pass": "#868e96", "Node.js": "#e8590c", "service": "#2b8a3e"}
+    for ax, (title, unit, items) in zip(axes[0], bars, strict=True):
+        labels = [label for label, _ in items]
+        values = [value for _, value in items]
+        palette = [
+            next((c for k, c in colors.items() if k in label), "#495057") for label in labels
+        ]
+        ax.bar(range(len(values)), values, color=palette)
+        ax.set_xticks(range(len(values)), [label.replace(" ", "\n", 1) for label in labels])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit)
+        for i, value in enumerate(values):
+            ax.annotate(f"{value:,.1f}" if value < 100 else f"{value:,.0f}", (i, value),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    path = out_dir / "bench.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _chart_data(sections: dict[str, Section]) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    out: list[tuple[str, str, list[tuple[str, float]]]] = []
+    if "warm" in sections:
+        t = sections["warm"].data["targets"]
+        out.append(
+            ("Warm: throughput (median)", "req/s", [(v["label"], v["rps"]) for v in t.values()])
+        )
+        out.append(
+            (
+                "Warm: p50 latency, 1 connection",
+                "ms",
+                [(v["label"], v["single_p50_ms"]) for v in t.values()],
+            )
+        )
+    if "cold" in sections:
+        t = sections["cold"].data["targets"]
+        expected = sections["cold"].data["expected_ms"]
+        items = [(v["label"].split(":")[0], v["p50_ms"]) for v in t.values()]
+        out.append(("Cold: p50 latency", "ms", [*items, ("nominal contacts + CRM", expected)]))
+    if "stampede" in sections:
+        t = sections["stampede"].data["targets"]
+        out.append(
+            (
+                "Stampede: CRM fetches per unique id",
+                "fetches",
+                [(v["label"], v["fetches_per_unique_id"]) for v in t.values()],
+            )
+        )
+    return out
+
+
+def _svg(bars: list[tuple[str, str, list[tuple[str, float]]]]) -> str:
+    width, height, pad = 320, 260, 40
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(bars)}" height="{height}"'
+        ' font-family="sans-serif" font-size="10">'
+    ]
+    for n, (title, unit, items) in enumerate(bars):
+        x0 = n * width
+        top = max((v for _, v in items), default=1.0) or 1.0
+        parts.append(f'<text x="{x0 + 10}" y="15" font-size="12">{title} ({unit})</text>')
+        slot = (width - pad) / max(1, len(items))
+        for i, (label, value) in enumerate(items):
+            h = (height - 2 * pad - 20) * value / top
+            x = x0 + pad / 2 + i * slot + slot * 0.15
+            y = height - pad - h
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" height="{h:.1f}"'
+                ' fill="#2b8a3e"/>'
+            )
+            parts.append(f'<text x="{x:.1f}" y="{y - 3:.1f}">{value:,.1f}</text>')
+            parts.append(f'<text x="{x:.1f}" y="{height - pad + 12}">{label[:18]}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

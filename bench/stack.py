@@ -1,0 +1,264 @@
+"""What the benchmark runs: Redis, the simulated upstream, the service, the Node.js
+reference and the bare pass-through, each a child process on a free loopback port."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.procs import LOOPBACK, Child, Children, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_SOURCE = REPO.parent / "shared" / "bench" / "seed-node"
+READY_TIMEOUT = 30.0
+
+#: Every setting of the service, pinned, so a developer's `.env` cannot skew a run.
+SERVICE_ENV: dict[str, str] = {
+    "LOG_LEVEL": "warning",
+    "LOG_FORMAT": "json",
+    "UPSTREAM_TIMEOUT_SECONDS": "10",
+    "UPSTREAM_BATCH_SIZE": "100",
+    "CACHE_TTL_SECONDS": "300",
+    "CACHE_NEGATIVE_TTL_SECONDS": "60",
+    "CACHE_KEY_PREFIX": "",
+    "CACHE_REFRESH_AHEAD_SECONDS": "0",
+    "CACHE_STALE_SECONDS": "0",
+    "REDIS_MODE": "standalone",
+    "REDIS_TIMEOUT_SECONDS": "0.25",
+    "ADMIN_TOKEN": "",
+    "CRM_API_TOKEN": "",
+}
+#: Inherited variables a child must not see (one process: in-memory metrics).
+UNSET_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+
+
+@dataclass
+class Target:
+    """One HTTP server under test."""
+
+    name: str
+    label: str
+    child: Child
+    redis_db: int | None = None
+
+    @property
+    def url(self) -> str:
+        return self.child.url
+
+
+@dataclass
+class Sim:
+    """The simulated upstream and its control API."""
+
+    child: Child
+
+    @property
+    def url(self) -> str:
+        return self.child.url
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("content-type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def configure(self, **patch: Any) -> None:
+        self._call("PUT", "/_sim/config", patch)
+
+    def reset(self) -> None:
+        self._call("POST", "/_sim/reset")
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/_sim/stats")
+        return result
+
+
+@dataclass
+class Stack:
+    children: Children
+    redis_child: Child
+    sim: Sim
+    node_dir: Path | None
+    targets: dict[str, Target] = field(default_factory=dict)
+    _admin: redis.Redis | None = None
+
+    @property
+    def redis_port(self) -> int:
+        assert self.redis_child.port is not None
+        return self.redis_child.port
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.redis_port}"
+
+    def redis_db(self, db: int = 0) -> redis.Redis:
+        """A new client of database `db` (close it when done)."""
+        return redis.Redis(host=LOOPBACK, port=self.redis_port, db=db, socket_timeout=10)
+
+    @property
+    def admin(self) -> redis.Redis:
+        """One long-lived connection for the counters, so counting adds no connect/HELLO."""
+        if self._admin is None:
+            self._admin = redis.Redis(
+                host=LOOPBACK,
+                port=self.redis_port,
+                socket_timeout=10,
+                single_connection_client=True,
+            )
+        return self._admin
+
+    def start_service(
+        self,
+        name: str,
+        *,
+        db: int | None,
+        wait: bool = True,
+        source: Path = REPO,
+        label: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Target:
+        """`uvicorn app.main:app` as SPEC.md runs it; `db=None` is `USE_REDIS=false`.
+
+        `source` is a folder holding an `app` package (a copy or a git worktree of the
+        repository, for A/B runs); it comes first on the child's import path.
+        """
+        port = free_port()
+        env = {
+            **SERVICE_ENV,
+            **(env or {}),
+            "WHATSAPP_API_URL": self.sim.url,
+            "CRM_API_URL": self.sim.url,
+            "USE_REDIS": "false" if db is None else "true",
+            "REDIS_URL": f"{self.redis_url}/{db or 0}",
+            "PYTHONPATH": str(source),
+        }
+        args = [
+            sys.executable, "-m", "uvicorn", "app.main:app",
+            "--host", LOOPBACK, "--port", str(port),
+            "--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+        ]  # fmt: skip
+        child = self.children.spawn(name, args, env=env, cwd=source, port=port, unset=UNSET_ENV)
+        if wait:
+            child.wait_http("/health", READY_TIMEOUT)
+        if label is None:
+            label = "service" if db is not None else "service USE_REDIS=false"
+        return Target(name, label, child, db)
+
+    def start_node(self, name: str, *, db: int | None, wait: bool = True) -> Target:
+        if self.node_dir is None:
+            raise RuntimeError("the Node.js reference is not installed (--skip-node)")
+        port = free_port()
+        env = {
+            "PORT": str(port),
+            "WHATSAPP_API_URL": self.sim.url,
+            "CRM_API_URL": self.sim.url,
+            "REDIS_URL": f"{self.redis_url}/{db or 0}",
+            "USE_REDIS": "false" if db is None else "true",
+            "NODE_ENV": "production",
+        }
+        node = shutil.which("node") or "node"
+        child = self.children.spawn(
+            name, [node, "server.js"], env=env, cwd=self.node_dir, port=port
+        )
+        if wait:
+            child.wait_http("/health", READY_TIMEOUT)
+        return Target(name, "Node.js reference", child, db)
+
+    def start_passthrough(self, name: str) -> Target:
+        port = free_port()
+        args = [
+            sys.executable, "-m", "bench.passthrough",
+            "--port", str(port), "--upstream", self.sim.url,
+        ]  # fmt: skip
+        child = self.children.spawn(name, args, cwd=REPO, port=port)
+        child.wait_http("/health", READY_TIMEOUT)
+        return Target(name, "bare pass-through", child)
+
+
+def start_stack(children: Children, *, node_dir: Path | None) -> Stack:
+    """Redis and the simulated upstream; the targets are started by `add_targets`."""
+    redis_port = free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (scripts/ensure-system-deps.sh bench)")
+    redis_child = children.spawn(
+        "redis",
+        [
+            binary, "--port", str(redis_port), "--bind", LOOPBACK, "--save", "",
+            "--appendonly", "no", "--dir", str(data_dir), "--protected-mode", "no",
+            "--databases", "16",
+        ],
+        port=redis_port,
+    )  # fmt: skip
+    client = redis.Redis(host=LOOPBACK, port=redis_port, socket_timeout=2)
+    for _ in range(500):
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            pass
+        if not redis_child.alive():
+            break
+        time.sleep(0.02)
+    else:
+        raise RuntimeError("redis-server did not start")
+    client.close()
+
+    sim_port = free_port()
+    sim_child = children.spawn(
+        "sim",
+        [
+            sys.executable, "-m", "simupstream", "--host", LOOPBACK, "--port", str(sim_port),
+            "--latency-ms", "contacts=0,customers=0,users=0",
+        ],
+        cwd=REPO,
+        port=sim_port,
+    )  # fmt: skip
+    sim_child.wait_http("/healthz", READY_TIMEOUT)
+    return Stack(children, redis_child, Sim(sim_child), node_dir)
+
+
+def prepare_node(source: Path, cache_root: Path | None = None) -> Path:
+    """Copy the Node.js reference to a writable folder and `npm install` it there (once)."""
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    if not files:
+        raise RuntimeError(f"no Node.js reference in {source}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    target = root / "enriched-contacts-bench" / f"seed-node-{digest.hexdigest()[:12]}"
+    if (target / "node_modules" / ".bench-installed").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, target / path.name)
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise RuntimeError("node/npm are not installed: install them or pass --skip-node")
+    result = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=target,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"npm install failed (pass --skip-node to go without):\n{result.stderr}")
+    (target / "node_modules" / ".bench-installed").touch()
+    return target

@@ -1,0 +1,73 @@
+"""`python -m bench` still runs end to end (tiny durations); it reports, it never judges speed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("wrk") is None or shutil.which("redis-server") is None,
+    reason="the benchmark needs wrk and redis-server (scripts/ensure-system-deps.sh bench)",
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--skip-node",
+            "--scenarios", "warm,counts", "--out", str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert (out / "bench.png").exists() or (out / "bench.svg").exists()
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_warm_scenario_measures_every_target(results: tuple[dict, str]) -> None:
+    data, _ = results
+    targets = data["scenarios"]["warm"]["data"]["targets"]
+
+    assert set(targets) == {"service", "service-noredis", "passthrough"}
+    for name, row in targets.items():
+        assert row["rps"] > 0, name
+        assert row["p50_ms"] > 0, name
+        assert row["single_p50_ms"] > 0, name
+        assert row["cpu_ms_per_request"] >= 0, name
+        assert row["errors"] == 0, name
+
+
+def test_counts_scenario_counts_redis_and_crm(results: tuple[dict, str]) -> None:
+    data, _ = results
+    rows = {(r["name"], r["case"]): r for r in data["scenarios"]["counts"]["data"]["rows"]}
+
+    assert {name for name, _ in rows} == {"service", "service-noredis"}
+    assert len(rows) == 6
+    cold = rows["service", "cold (new instance each)"]
+    assert cold["redis_commands_total"] > 0
+    assert cold["crm_calls"] > 0
+    assert rows["service-noredis", "warm, every id exists"]["crm_ids"] > 0
+
+
+def test_markdown_report_has_the_tables(results: tuple[dict, str]) -> None:
+    _, text = results
+
+    assert "## Summary" in text
+    assert "## 1. Warm cache" in text
+    assert "## 3. Per request, counted" in text
+    assert "| service |" in text
+    assert "| bare pass-through |" in text
+    assert "Machine:" in text
