@@ -52,20 +52,29 @@ class ContactsService:
         self, instance: str, query: str, authorization: str | None, request_id: str
     ) -> EnrichedPage:
         page = await self._upstream.contacts(instance, query, authorization, request_id)
-        wanted: dict[Entity, dict[str, None]] = {e: {} for e in ENTITIES}
+        customers: dict[str, None] = {}
+        users: dict[str, None] = {}
+        wanted: dict[Entity, dict[str, None]] = {"customer": customers, "user": users}
         refs: list[tuple[str | None, str | None]] = []
         invalid: list[object] = []
+        # Runs for every contact of every request: both references unrolled, no inner loop.
         for item in page.items:
-            ids: list[str | None] = []
-            for entity in ENTITIES:
-                raw = item.get(_REF_FIELD[entity])
-                entity_id = None if raw is None else normalize_id(raw)
-                if entity_id is not None:
-                    wanted[entity][entity_id] = None
-                elif raw is not None:
-                    invalid.append(raw)
-                ids.append(entity_id)
-            refs.append((ids[0], ids[1]))
+            raw_customer = item.get(_REF_FIELD["customer"])
+            raw_user = item.get(_REF_FIELD["user"])
+            customer_id = user_id = None
+            if raw_customer is not None:
+                customer_id = normalize_id(raw_customer)
+                if customer_id is None:
+                    invalid.append(raw_customer)
+                else:
+                    customers[customer_id] = None
+            if raw_user is not None:
+                user_id = normalize_id(raw_user)
+                if user_id is None:
+                    invalid.append(raw_user)
+                else:
+                    users[user_id] = None
+            refs.append((customer_id, user_id))
         if invalid:
             log.warning(
                 "contacts.invalid_ids",

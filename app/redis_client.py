@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 from urllib.parse import urlsplit
@@ -29,11 +29,12 @@ from urllib.parse import urlsplit
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.helpers import list_or_args
-from redis.connection import parse_url
+from redis.connection import HiredisRespSerializer, parse_url
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -45,6 +46,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.typing import EncodableT, KeysT, KeyT
+from redis.utils import HIREDIS_AVAILABLE
 
 from app import metrics
 from app.config import Settings
@@ -84,6 +86,25 @@ class _Down:
 
 class NodeUnavailableError(ConnectionError):
     """The node serving this key failed recently; it is not tried again until its cooldown ends."""
+
+
+def _use_hiredis_packer() -> None:
+    """Pack commands with hiredis (C), as redis-py's sync client already does.
+
+    redis-py's asyncio connections always pack in Python: for the MGET of a page's
+    ~180 keys that is ~3.5x the CPU of hiredis (bench/README.md). Same bytes out.
+    """
+    if not HIREDIS_AVAILABLE:
+        return
+    pack: Callable[..., list[bytes]] = HiredisRespSerializer().pack
+
+    def pack_command(self: AbstractConnection, *args: EncodableT) -> list[bytes]:
+        return pack(*args)
+
+    AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+
+
+_use_hiredis_packer()
 
 
 def _no_retry() -> Retry:

@@ -17,6 +17,7 @@ Redis for a moment instead of fetched again, like memcache leases.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ FAILED: Final = _Failed()
 
 _Key = tuple[Entity, str, str]
 _Result = bytes | None | _Failed
+_Stored = tuple[_Key, bytes, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,7 @@ class EntityResolver:
         if self._policy.reads_ttls:
             return await self._cache.read_with_ttl(keys)
         raws = await self._cache.read_raw(keys)
-        return None if raws is None else [(raw, -1) for raw in raws]
+        return None if raws is None else list(zip(raws, itertools.repeat(-1)))
 
     # -- fetching --------------------------------------------------------------------------
 
@@ -283,7 +285,6 @@ class EntityResolver:
         leases: bool,
     ) -> None:
         policy = self._policy
-        to_store: list[tuple[_Key, bytes, int]] = []
         mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
         contested: list[tuple[Entity, str]] = []
         held: list[str] = []
@@ -297,7 +298,7 @@ class EntityResolver:
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
                 held = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
 
-        async def fetch(entity: Entity, ids: list[str]) -> None:
+        async def fetch(entity: Entity, ids: list[str], to_store: list[_Stored]) -> None:
             try:
                 found = await self._upstream.entities(
                     entity, instance, ids, authorization, request_id
@@ -324,23 +325,16 @@ class EntityResolver:
                 elif policy.negative_ttl > 0:
                     to_store.append((key, NEGATIVE, policy.negative_ttl + policy.stale))
 
-        async def fetch_all(pairs: list[tuple[Entity, str]]) -> None:
+        async def fetch_and_store(pairs: list[tuple[Entity, str]], release: list[str]) -> None:
+            to_store: list[_Stored] = []
             by_entity = {e: [i for pe, i in pairs if pe == e] for e in ENTITIES}
             await asyncio.gather(
                 *(
-                    fetch(entity, ids[start : start + self._batch_size])
+                    fetch(entity, ids[start : start + self._batch_size], to_store)
                     for entity, ids in by_entity.items()
                     for start in range(0, len(ids), self._batch_size)
                 )
             )
-
-        async def await_other_replicas() -> None:
-            left = await self._await_leased(instance, contested, futures)
-            if left:
-                await fetch_all(left)
-
-        try:
-            await asyncio.gather(fetch_all(mine), await_other_replicas())
             # An id invalidated while its lookup was in flight was dropped from
             # `_inflight`: what was fetched may predate the change, so it is not stored.
             await self._cache.write_raw(
@@ -349,8 +343,19 @@ class EntityResolver:
                     for key, raw, ttl in to_store
                     if self._inflight.get(key) is futures[key]
                 ],
-                release=held,
+                release=release,
             )
+
+        async def await_other_replicas() -> None:
+            left = await self._await_leased(instance, contested, futures)
+            if left:
+                await fetch_and_store(left, [])
+
+        try:
+            # What this process leased is stored as soon as it is fetched, never after
+            # the wait for other replicas: two replicas each waiting on the other's
+            # leases would otherwise both wait out CACHE_LEASE_WAIT_SECONDS.
+            await asyncio.gather(fetch_and_store(mine, held), await_other_replicas())
         finally:
             for key, future in futures.items():
                 if not future.done():
