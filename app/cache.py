@@ -9,6 +9,7 @@ while after repeated failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -266,9 +267,20 @@ class Cache:
         except Exception as exc:  # an outage: connection refused, timeout, reset, full pool
             metrics.REDIS_ERRORS.inc()
             self.breaker.failure(exc)
+            await self._drop_idle_connections(client)
             return default
         self.breaker.success()
         return result
+
+    @staticmethod
+    async def _drop_idle_connections(client: RedisClient) -> None:
+        """After an outage, idle pooled connections may point at a dead server (a restarted
+        Redis, a failed-over primary): close them, so the breaker's next probe dials anew
+        instead of failing once per stale connection. Cluster clients manage their nodes."""
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect(inuse_connections=False)
 
 
 async def _mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:

@@ -16,11 +16,22 @@ from typing import Any
 
 import redis
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, never the same twice in this test run.
+
+    The kernel may offer a port again as soon as it is released, so two servers
+    started one after the other could otherwise be given the same port.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
@@ -47,6 +58,8 @@ class RedisServer:
     """One real `redis-server` on a loopback port, that a test can kill, pause and restart."""
 
     def __init__(self, port: int | None = None, *extra: str) -> None:
+        self.fixed_port = port is not None
+        self.started_before = False
         self.port = port or free_port()
         self.extra = list(extra)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
@@ -58,6 +71,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it; the first time, on a port another process took meanwhile, try a new one.
+
+        A restart keeps its port: the service under test is configured with it.
+        """
+        for _ in range(5):
+            if self._start_once():
+                self.started_before = True
+                return self
+            if self.fixed_port or self.started_before:
+                break
+            self.port = free_port()
+        raise TimeoutError(f"redis-server on {self.port} did not start")
+
+    def _start_once(self) -> bool:
         args = [
             redis_server_binary(),
             "--port", str(self.port),
@@ -71,12 +98,18 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False  # could not bind the port
             try:
-                if self.client().ping():
-                    return self
+                # the server on the port must be this one, not a neighbour's
+                if self.client().info("server")["process_id"] == self.proc.pid:
+                    return True
             except redis.ConnectionError:
-                time.sleep(0.02)
-        raise TimeoutError(f"redis-server on {self.port} did not start")
+                pass
+            time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait(5)
+        return False
 
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **kwargs)
