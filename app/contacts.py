@@ -38,7 +38,6 @@ class EnrichedPage:
     crm_calls: int
     refreshes: int
     crm_wait: float
-    invalid_ids: int
 
 
 class ContactsService:
@@ -101,7 +100,6 @@ class ContactsService:
             crm_calls=resolution.crm_calls,
             refreshes=resolution.refreshes,
             crm_wait=resolution.crm_wait,
-            invalid_ids=len(invalid),
         )
 
 

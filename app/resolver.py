@@ -21,7 +21,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -77,7 +77,6 @@ class Resolution:
     refreshes: int = 0
     crm_wait: float = 0.0
     redis_ok: bool = True
-    failed_ids: dict[Entity, list[str]] = field(default_factory=dict)
 
 
 class EntityResolver:
@@ -270,7 +269,6 @@ class EntityResolver:
                 else:
                     resolution.complete = False
                     resolution.values[entity][entity_id] = None
-                    resolution.failed_ids.setdefault(entity, []).append(entity_id)
             else:
                 resolution.values[entity][entity_id] = result
 

@@ -186,3 +186,14 @@ async def test_page_without_references_needs_no_crm(
     assert response.status_code == 200
     assert response.json()["data"] == []
     assert sim.stats()["calls"]["customers"] == 0
+
+
+async def test_openapi_docs_describe_the_api(service: Service) -> None:
+    docs = await service.get("/docs")
+    schema = (await service.get("/openapi.json")).json()
+
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+    assert {"/contacts", "/health", "/metrics", "/cache/{instance}"} <= set(schema["paths"])
+    params = {p["name"]: p for p in schema["paths"]["/contacts"]["get"]["parameters"]}
+    assert params["instance"]["required"] is True
