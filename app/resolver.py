@@ -248,12 +248,15 @@ class EntityResolver:
             for entity in ENTITIES
             for entity_id in misses[entity]
         ]
-        pending = [future for _, _, future in waits if future is not None]
-        # asyncio.wait never cancels what it waits for: a cancelled request leaves the
-        # shared futures, and the task that fills them, running for everyone else.
+        pending = [f for _, _, f in waits if f is not None and not f.done()]
         if pending:
             started = time.perf_counter()
-            await asyncio.wait(pending)
+            # One suspension per batch, not a callback per id (as asyncio.wait would add).
+            # shield: a cancelled request leaves the shared futures, and the task that
+            # fills them, running for everyone else.
+            for waiting in pending:
+                if not waiting.done():
+                    await asyncio.shield(waiting)
             resolution.crm_wait = time.perf_counter() - started
         for entity, entity_id, future in waits:
             # None: an admin invalidation dropped the lookup in between; treat as failed
@@ -286,11 +289,10 @@ class EntityResolver:
         mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
         contested: list[tuple[Entity, str]] = []
         held: list[str] = []
+        token = uuid.uuid4().hex
         if leases and policy.lease_wait > 0 and self._cache.enabled:
             lease_keys = [self._cache.lease_key(e, instance, i) for e, i in mine]
-            taken = await self._cache.take_leases(
-                lease_keys, uuid.uuid4().hex, int(policy.lease_ttl * 1000)
-            )
+            taken = await self._cache.take_leases(lease_keys, token, int(policy.lease_ttl * 1000))
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
@@ -342,6 +344,7 @@ class EntityResolver:
                     if self._inflight.get(key) is futures[key]
                 ],
                 release=release,
+                token=token,
             )
 
         async def await_other_replicas() -> None:

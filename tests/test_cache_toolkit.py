@@ -63,9 +63,10 @@ class TestWithRedis:
         assert 5 <= redis_server.client().ttl("t:k") <= 10
         assert not await cache.expire("absent", 10)
 
-    async def test_mset_gives_each_item_its_own_ttl_in_one_pipeline(
+    async def test_mset_gives_each_item_its_own_ttl_in_one_round_trip(
         self, cache: Cache, redis_server: RedisServer
     ) -> None:
+        assert await cache.mset([("warm-up", 0, 1)])  # loads the script (NOSCRIPT, then EVAL)
         redis_server.reset_stats()
         assert await cache.mset([("a", {"v": 1}, 50), ("b", {"v": 2}, 500), ("c", 3, None)])
         client = redis_server.client()
@@ -75,6 +76,7 @@ class TestWithRedis:
         assert 495 <= client.ttl("t:b") <= 500
         assert client.ttl("t:c") == -1
         commands = redis_server.command_counts()
+        assert commands["evalsha"] == 1, "one script call for the batch"
         assert commands["set"] == 3
         assert "multi" not in commands
 
@@ -112,6 +114,103 @@ class TestWithRedis:
         redis_server.client().set("t:bad", b"{not json")
 
         assert await cache.get("bad") is None
+
+
+class TestBatchScripts:
+    """The page's batch operations: one Lua script call each on a standalone Redis."""
+
+    async def test_leases_go_to_the_first_taker_only(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        redis_server.client().set("lease:held", b"other")
+
+        taken = await cache.take_leases(["lease:a", "lease:held", "lease:b"], "me", 5000)
+
+        assert taken == [True, False, True]
+        client = redis_server.client()
+        assert client.get("lease:a") == b"me"
+        assert client.get("lease:held") == b"other"
+        assert 4000 < client.pttl("lease:a") <= 5000
+        assert await cache.take_leases(["lease:a"], "again", 5000) == [False]
+
+    async def test_a_write_releases_only_the_leases_still_holding_its_token(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        assert await cache.take_leases(["lease:1", "lease:2"], "mine", 5000) == [True, True]
+        client = redis_server.client()
+        client.set("lease:2", b"theirs")  # mine expired and another replica took it
+
+        assert await cache.write_raw(
+            [("v:1", b'{"id":1}', 300), ("v:2", b"null", None)],
+            release=["lease:1", "lease:2"],
+            token="mine",
+        )
+
+        assert client.get("v:1") == b'{"id":1}'
+        assert 295 <= client.ttl("v:1") <= 300
+        assert client.get("v:2") == b"null"
+        assert client.ttl("v:2") == -1
+        assert client.exists("lease:1") == 0
+        assert client.get("lease:2") == b"theirs"
+
+    async def test_values_are_read_with_their_remaining_ttl_in_one_round_trip(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        client = redis_server.client()
+        client.set("k:ttl", b"1", px=90_000)
+        client.set("k:forever", b"2")
+        assert await cache.read_with_ttl(["k:warm-up"]) == [(None, -2)]  # loads the script
+        redis_server.reset_stats()
+
+        entries = await cache.read_with_ttl(["k:ttl", "k:absent", "k:forever"])
+
+        assert entries is not None
+        (v1, ttl1), absent, forever = entries
+        assert (v1, absent, forever) == (b"1", (None, -2), (b"2", -1))
+        assert 80_000 < ttl1 <= 90_000
+        commands = redis_server.command_counts()
+        commands.pop("config|resetstat", None)
+        assert commands == {"evalsha": 1, "get": 3, "pttl": 3}
+
+    async def test_scripts_flushed_from_redis_are_loaded_again(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        assert await cache.take_leases(["lease:x"], "t", 5000) == [True]
+        redis_server.client().script_flush()  # what a restart or a failover also does
+        redis_server.reset_stats()
+
+        assert await cache.write_raw([("v:x", b"1", 60)], release=["lease:x"], token="t")
+
+        assert redis_server.client().get("v:x") == b"1"
+        assert redis_server.client().exists("lease:x") == 0
+        commands = redis_server.command_counts()
+        assert commands["evalsha"] == 1, "NOSCRIPT"
+        assert commands["eval"] == 1, "the script comes along once, no SCRIPT LOAD round trip"
+        assert "script|load" not in commands
+
+    async def test_where_scripts_are_denied_the_batches_fall_back_to_pipelines(
+        self, redis_server: RedisServer
+    ) -> None:
+        admin = redis_server.client()
+        admin.acl_setuser(
+            "noscripts", enabled=True, passwords=["+pw"], keys=["*"],
+            commands=["+@all", "-@scripting"],
+        )  # fmt: skip
+        cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
+        try:
+            assert await cache.take_leases(["lease:a", "lease:b"], "me", 5000) == [True, True]
+            assert await cache.write_raw([("v:a", b"1", 60)], release=["lease:a"], token="me")
+            entries = await cache.read_with_ttl(["v:a", "v:absent"])
+        finally:
+            await cache.close()
+
+        assert entries is not None
+        assert entries[0][0] == b"1"
+        assert entries[1] == (None, -2)
+        assert admin.get("v:a") == b"1"
+        assert admin.exists("lease:a") == 0
+        assert admin.get("lease:b") == b"me"
+        assert cache.breaker.allow(), "a denied script is not an outage"
 
 
 class TestWithoutRedis:
