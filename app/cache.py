@@ -347,7 +347,7 @@ class Cache:
         client = self._client
         if client is None or not self.breaker.allow():
             return default
-        metrics.REDIS_ROUND_TRIPS.labels(op=op).inc()
+        metrics.child(metrics.REDIS_ROUND_TRIPS, op).inc()
         limit = self._timeout if deadline == "default" else deadline
         try:
             async with asyncio.timeout(limit):

@@ -90,7 +90,7 @@ class ContactsService:
         enrichment: Enrichment = (
             "partial" if not resolution.complete else "stale" if resolution.stale else "complete"
         )
-        metrics.ENRICHMENT.labels(state=enrichment).inc()
+        metrics.child(metrics.ENRICHMENT, enrichment).inc()
         return EnrichedPage(
             body=body,
             enrichment=enrichment,

@@ -10,7 +10,6 @@ from fastapi import Depends, Path, Request
 
 from app.cache import Cache
 from app.config import Settings
-from app.contacts import ContactsService
 from app.errors import NotFound, Unauthorized
 from app.resolver import EntityResolver
 from app.validation import INSTANCE_PATTERN
@@ -33,11 +32,6 @@ async def get_cache(request: Request) -> Cache:
 async def get_resolver(request: Request) -> EntityResolver:
     resolver: EntityResolver = request.state.resolver
     return resolver
-
-
-async def get_contacts_service(request: Request) -> ContactsService:
-    service: ContactsService = request.state.contacts
-    return service
 
 
 async def require_admin(request: Request) -> None:
@@ -64,6 +58,5 @@ def _digest(token: str) -> bytes:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CacheDep = Annotated[Cache, Depends(get_cache)]
 ResolverDep = Annotated[EntityResolver, Depends(get_resolver)]
-ContactsServiceDep = Annotated[ContactsService, Depends(get_contacts_service)]
 AdminDep = Depends(require_admin)
 InstancePath = Annotated[str, Path(pattern=INSTANCE_PATTERN, description="instance (tenant) name")]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import glob
 import os
 import re
-from typing import Final
+from typing import Final, TypeVar
 
 # An empty value would still switch prometheus-client to files, written to the
 # working directory: empty means unset, as for every other variable.
@@ -36,6 +37,9 @@ from prometheus_client import (  # after the clean-up above
     values,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
+
+MetricT = TypeVar("MetricT", bound=MetricWrapperBase)
 
 MULTIPROCESS: Final[bool] = bool(getattr(values.ValueClass, "_multiprocess", False))
 _DIRECTORY: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if MULTIPROCESS else ""
@@ -103,9 +107,17 @@ ENRICHMENT = Counter(
 )
 
 
+@functools.lru_cache(maxsize=2048)
+def child(metric: MetricT, *values: str) -> MetricT:
+    """`metric.labels(*values)`, looked up once: `labels()` validates and locks on every call,
+    several times per request. Every label here has a bounded set of values (routes,
+    status codes, entities, operations), well under the cache's size."""
+    return metric.labels(*values)
+
+
 def observe_upstream(api: str, outcome: str, seconds: float) -> None:
-    UPSTREAM_REQUESTS.labels(api=api, outcome=outcome).inc()
-    UPSTREAM_DURATION.labels(api=api).observe(seconds)
+    child(UPSTREAM_REQUESTS, api, outcome).inc()
+    child(UPSTREAM_DURATION, api).observe(seconds)
 
 
 def render(accept: str = "") -> tuple[bytes, str]:

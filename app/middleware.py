@@ -78,8 +78,8 @@ def _observe(
 ) -> None:
     route = getattr(scope.get("route"), "path", None) or "unmatched"
     method = scope["method"] if scope["method"] in _METHODS else "other"
-    metrics.HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
-    metrics.HTTP_DURATION.labels(method=method, route=route).observe(seconds)
+    metrics.child(metrics.HTTP_REQUESTS, method, route, str(status)).inc()
+    metrics.child(metrics.HTTP_DURATION, method, route).observe(seconds)
     line: dict[str, Any] = {
         "method": scope["method"],
         "path": scope["path"],

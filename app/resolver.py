@@ -134,9 +134,9 @@ class EntityResolver:
                     if refresh_ms and 0 <= pttl - stale_ms <= refresh_ms:
                         refresh[entity].append(entity_id)
             if hits:
-                metrics.CACHE_HITS.labels(entity=entity).inc(hits)
+                metrics.child(metrics.CACHE_HITS, entity).inc(hits)
             if misses[entity]:
-                metrics.CACHE_MISSES.labels(entity=entity).inc(len(misses[entity]))
+                metrics.child(metrics.CACHE_MISSES, entity).inc(len(misses[entity]))
             resolution.hits += hits
             resolution.misses += len(misses[entity])
         counts = self._counts.setdefault(instance, [0, 0])
@@ -315,7 +315,7 @@ class EntityResolver:
                 for entity_id in ids:
                     futures[(entity, instance, entity_id)].set_result(FAILED)
                 return
-            metrics.CRM_IDS_FETCHED.labels(entity=entity).inc(len(ids))
+            metrics.child(metrics.CRM_IDS_FETCHED, entity).inc(len(ids))
             for entity_id in ids:
                 raw = found.get(entity_id)
                 key = (entity, instance, entity_id)

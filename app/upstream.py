@@ -196,7 +196,7 @@ class Upstream:
             raise CrmError(f"CRM unreachable: {_error_name(exc)}") from None
         finally:
             metrics.observe_upstream(api, outcome, time.perf_counter() - started)
-            metrics.CRM_BATCH_SIZE.labels(entity=entity).observe(len(ids))
+            metrics.child(metrics.CRM_BATCH_SIZE, entity).observe(len(ids))
 
     async def _get_aiohttp(self, url: str, headers: dict[str, str]) -> _Reply:
         assert isinstance(self._http, AiohttpClient)
