@@ -154,7 +154,7 @@ class Cache:
         async def scripted(
             client: RedisClient, scripts: _Scripts
         ) -> list[tuple[bytes | None, int]]:
-            flat = await scripts.read_ttl(client, keys)
+            flat = await _in_chunks(lambda chunk: scripts.read_ttl(client, chunk), keys)
             return [(flat[n], int(flat[n + 1])) for n in range(0, len(flat), 2)]
 
         async def pipelined(client: RedisClient) -> list[tuple[bytes | None, int]]:
@@ -182,7 +182,9 @@ class Cache:
             return []
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> list[bool]:
-            taken = await scripts.lease(client, keys, (token, ttl_ms))
+            taken = await _in_chunks(
+                lambda chunk: scripts.lease(client, chunk, (token, ttl_ms)), keys
+            )
             return [flag == 49 for flag in taken]  # b"1"
 
         async def pipelined(client: RedisClient) -> list[bool]:
@@ -213,10 +215,21 @@ class Cache:
             return True
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> bool:
-            args: list[str | bytes | int] = [len(items), token]
-            for _, value, ttl in items:
-                args += (value, "" if ttl is None else ttl)
-            await scripts.write(client, [key for key, _, _ in items] + list(release), args)
+            async def write(
+                values: Sequence[tuple[str, bytes, int | None]], leases: Sequence[str]
+            ) -> None:
+                args: list[EncodableT] = [len(values), token]
+                for _, value, ttl in values:
+                    args += (value, "" if ttl is None else ttl)
+                await scripts.write(client, [key for key, _, _ in values] + list(leases), args)
+
+            n = _SCRIPT_KEYS
+            await asyncio.gather(
+                *(
+                    write(items[i : i + n], release[i : i + n])
+                    for i in range(0, max(len(items), len(release)), n)
+                )
+            )
             return True
 
         async def pipelined(client: RedisClient) -> bool:
@@ -380,6 +393,25 @@ class Cache:
         if pool is not None:
             with contextlib.suppress(Exception):
                 await pool.disconnect(inuse_connections=False)
+
+
+#: At most this many keys per script call: Redis runs a script alone, so a very large
+#: page is split into calls of about a millisecond each, sent at once (one round trip).
+_SCRIPT_KEYS = 1000
+
+_T = TypeVar("_T")
+
+
+async def _in_chunks(
+    call: Callable[[Sequence[_T]], Awaitable[Sequence[Any]]], items: Sequence[_T]
+) -> Sequence[Any]:
+    """`call` on slices of at most `_SCRIPT_KEYS` items, concurrently; the replies joined."""
+    if len(items) <= _SCRIPT_KEYS:
+        return await call(items)
+    parts = await asyncio.gather(
+        *(call(items[i : i + _SCRIPT_KEYS]) for i in range(0, len(items), _SCRIPT_KEYS))
+    )
+    return [reply for part in parts for reply in part]
 
 
 class _Script:

@@ -172,6 +172,34 @@ class TestBatchScripts:
         commands.pop("config|resetstat", None)
         assert commands == {"evalsha": 1, "get": 3, "pttl": 3}
 
+    async def test_large_batches_are_split_into_bounded_script_calls_in_order(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        client = redis_server.client()
+        client.set("lease:1500", b"other")
+        leases = [f"lease:{n}" for n in range(2500)]
+        values = [(f"v:{n}", b"%d" % n, 60 + n % 2) for n in range(2500)]
+        # Redis learns the three scripts first, so that each call below is one EVALSHA.
+        assert await cache.take_leases(["lease:warm-up"], "t", 1000) == [True]
+        assert await cache.write_raw([("v:warm-up", b"0", 1)], release=["lease:warm-up"], token="t")
+        assert await cache.read_with_ttl(["v:warm-up"]) is not None
+        redis_server.reset_stats()
+
+        taken = await cache.take_leases(leases, "me", 5000)
+        assert await cache.write_raw(values, release=leases, token="me")
+        entries = await cache.read_with_ttl([key for key, _, _ in values])
+
+        assert taken == [n != 1500 for n in range(2500)]
+        assert entries is not None
+        assert [value for value, _ in entries] == [b"%d" % n for n in range(2500)]
+        assert all(0 < ttl <= 61_000 for _, ttl in entries)
+        assert client.ttl("v:1") == 61
+        assert client.ttl("v:2") == 60
+        assert client.keys("lease:[0-9]*") == [b"lease:1500"], "only the foreign lease is left"
+        commands = redis_server.command_counts()
+        assert commands["evalsha"] == 9, "three calls of at most 1,000 keys (values) each, x3"
+        assert "eval" not in commands
+
     async def test_scripts_flushed_from_redis_are_loaded_again(
         self, cache: Cache, redis_server: RedisServer
     ) -> None:
