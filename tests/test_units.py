@@ -7,6 +7,9 @@ import asyncio
 import httpx
 import pytest
 import respx
+from redis._parsers import Encoder
+from redis.asyncio.connection import Connection as RedisConnection
+from redis.connection import PythonRespSerializer
 
 from app import jsonutil
 from app.breaker import CircuitBreaker, State
@@ -107,6 +110,29 @@ class TestInputRules:
     )
     def test_ids_never_looked_up(self, raw: object) -> None:
         assert normalize_id(raw) is None
+
+
+class TestRedisCommandPacking:
+    """`app.redis_client` packs commands with hiredis: the bytes must be redis-py's own."""
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("MGET", "customer:acme:1", "user:acme:2"),
+            ("SET", "k", b"v\r\n", "EX", 300),
+            ("EVALSHA", "0" * 40, 2, "k1", "k2", "token", 10_000),
+            ("CONFIG RESETSTAT",),
+            ("SET", bytearray(b"k"), memoryview(b"v")),
+            ("SET", "é", "ü", "PX", 0.1),
+        ],
+    )
+    def test_same_bytes_as_redis_py(self, args: tuple[object, ...]) -> None:
+        import app.redis_client  # noqa: F401 (installs the packer)
+
+        ours = b"".join(RedisConnection().pack_command(*args))  # type: ignore[arg-type]
+        theirs = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+        assert ours == b"".join(theirs.pack(*args))
 
 
 class TestExactJson:
