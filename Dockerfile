@@ -40,6 +40,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
     && pip check
 
+# uvicorn's logging config, dumped from the code that defines it: with
+# --workers N the supervisor process never imports the app, and without this
+# it would log its lines (start, a worker died, stop) as plain text.
+RUN mkdir -p /opt/venv/share/enriched-contacts \
+    && python -c "import json, sys, app.logging as l; json.dump(l.UVICORN_LOG_CONFIG, sys.stdout)" \
+        > /opt/venv/share/enriched-contacts/uvicorn-logging.json
+
 
 FROM ${PYTHON_IMAGE} AS runtime
 
@@ -76,5 +83,6 @@ ENTRYPOINT ["docker-entrypoint"]
 # shutdown: in-flight requests finish, Redis and HTTP clients close).
 # --proxy-headers with every forwarder trusted: only the load balancer can reach
 # the container, and it overwrites X-Forwarded-For with the real client address.
-# --no-access-log: the app writes its own structured line per request.
-CMD ["sh", "-c", "exec uvicorn app.main:app --host 0.0.0.0 --port 8000 --workers \"${WEB_CONCURRENCY:-1}\" --proxy-headers --forwarded-allow-ips='*' --loop uvloop --http httptools --no-access-log"]
+# --no-access-log: the app writes its own structured line per request;
+# --log-config: uvicorn's own lines (the supervisor's too) in the same format.
+CMD ["sh", "-c", "exec uvicorn app.main:app --host 0.0.0.0 --port 8000 --workers \"${WEB_CONCURRENCY:-1}\" --proxy-headers --forwarded-allow-ips='*' --loop uvloop --http httptools --no-access-log --log-config /opt/venv/share/enriched-contacts/uvicorn-logging.json"]

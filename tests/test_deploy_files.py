@@ -16,6 +16,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -438,6 +439,26 @@ class TestDockerfile:
         # uvicorn is PID 1 and receives SIGTERM.
         assert cmd[:2] == ["sh", "-c"]
         assert cmd[2].startswith("exec ")
+
+    def test_uvicorn_logs_through_the_config_the_image_dumps_from_the_code(
+        self, stages: list[Stage], tmp_path: Path
+    ) -> None:
+        from app.logging import UVICORN_LOG_CONFIG
+
+        cmd = " ".join(_exec_form(stages[-1].all("CMD")[-1]))
+        config_path = re.search(r"--log-config (\S+)", cmd)
+        assert config_path, "uvicorn's supervisor would log plain text with --workers N"
+        dump = next(run for run in stages[0].all("RUN") if config_path.group(1) in run)
+        # Run the image's own command, writing where this test says instead.
+        script = re.search(r'python -c "([^"]+)"', dump)
+        assert script
+        out = tmp_path / "uvicorn-logging.json"
+        with out.open("w") as sink:
+            subprocess.run(
+                [sys.executable, "-c", script.group(1)], stdout=sink, check=True, cwd=ROOT
+            )
+
+        assert json.loads(out.read_text()) == UVICORN_LOG_CONFIG
 
     def test_entrypoint_script_is_copied_and_execs_the_command(self, stages: list[Stage]) -> None:
         final = stages[-1]
