@@ -21,12 +21,11 @@ from redis.typing import EncodableT
 
 from app import jsonutil, metrics
 from app.breaker import CircuitBreaker
+from app.entities import Entity
 from app.redis_client import RedisClient
 
 R = TypeVar("R")
 D = TypeVar("D")
-Entity = Literal["customer", "user"]
-ENTITIES: tuple[Entity, ...] = ("customer", "user")
 
 _CLEAR_BATCH = 500
 _GLOB_SPECIAL = str.maketrans({c: f"\\{c}" for c in "*?[]\\"})

@@ -14,7 +14,7 @@ from typing import Literal
 import structlog
 
 from app import jsonutil, metrics
-from app.cache import ENTITIES, Entity
+from app.entities import ENTITIES, Entity
 from app.resolver import EntityResolver, Resolution
 from app.upstream import Upstream
 from app.validation import normalize_id

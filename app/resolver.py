@@ -27,7 +27,8 @@ from typing import Final
 import structlog
 
 from app import metrics
-from app.cache import ENTITIES, Cache, Entity
+from app.cache import Cache
+from app.entities import ENTITIES, Entity
 from app.upstream import CrmError, Upstream
 
 log = structlog.get_logger("app.resolver")

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import aiohttp
 import orjson
@@ -32,12 +32,12 @@ import structlog
 import yarl
 
 from app import jsonutil, metrics
+from app.entities import Entity
 from app.errors import BadGateway, GatewayTimeout, UpstreamRejected
 
 if TYPE_CHECKING:
     import httpx  # imported when used: only tests and tools pass an httpx client
 
-Entity = Literal["customer", "user"]
 _CRM_PATH: dict[Entity, str] = {"customer": "customers", "user": "users"}
 
 log = structlog.get_logger("app.upstream")

@@ -8,8 +8,8 @@ import structlog
 from fastapi import APIRouter, Path, Response
 
 from app import metrics
-from app.cache import Entity
 from app.deps import AdminDep, CacheDep, InstancePath, ResolverDep
+from app.entities import Entity
 from app.errors import AppError
 
 log = structlog.get_logger("app.cache_admin")
