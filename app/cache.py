@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import structlog
@@ -38,34 +38,46 @@ log = structlog.get_logger("app.cache")
 # atomically, in well under a millisecond for a page. Not on a cluster: a script's keys
 # must share one hash slot there, so a cluster keeps one pipeline per node.
 
+# The scripts call with redis.pcall and answer the first error only at the end, as the
+# error itself: like a pipeline, one failing command (an invalid TTL, out of memory) does
+# not stop the others (releasing the leases above all), and the error keeps its own code
+# (READONLY stays READONLY on every Redis version, where a failed redis.call would be
+# wrapped in a generic script error before Redis 7).
+
 #: KEYS: the leases; ARGV: token, PX. A string with "1" where the lease was taken.
 _LEASE_LUA = """
-local token, px, taken = ARGV[1], ARGV[2], {}
+local token, px, taken, failed = ARGV[1], ARGV[2], {}, nil
 for i = 1, #KEYS do
-  taken[i] = redis.call('SET', KEYS[i], token, 'NX', 'PX', px) and '1' or '0'
+  local reply = redis.pcall('SET', KEYS[i], token, 'NX', 'PX', px)
+  if type(reply) == 'table' and reply.err then
+    failed = failed or reply
+  end
+  taken[i] = reply and '1' or '0'
 end
-return table.concat(taken)
+return failed or table.concat(taken)
 """
 
 #: KEYS: n value keys, then leases; ARGV: n, token, then value and EX ("" for none) per key.
 #: A lease is released only while it still holds this caller's token.
 _WRITE_LUA = """
-local n, token = tonumber(ARGV[1]), ARGV[2]
+local n, token, failed = tonumber(ARGV[1]), ARGV[2], nil
 for i = 1, n do
-  local ttl = ARGV[2 * i + 2]
+  local ttl, reply = ARGV[2 * i + 2], nil
   if ttl == '' then
-    redis.call('SET', KEYS[i], ARGV[2 * i + 1])
+    reply = redis.pcall('SET', KEYS[i], ARGV[2 * i + 1])
   else
-    redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl)
+    reply = redis.pcall('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl)
+  end
+  if type(reply) == 'table' and reply.err then
+    failed = failed or reply
   end
 end
-local released = 0
 for i = n + 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == token then
-    released = released + redis.call('UNLINK', KEYS[i])
+  if redis.pcall('GET', KEYS[i]) == token then
+    redis.pcall('UNLINK', KEYS[i])
   end
 end
-return released
+return failed or 'OK'
 """
 
 #: KEYS: the keys; a flat array of value (nil when absent) and PTTL per key.
@@ -78,8 +90,9 @@ end
 return out
 """
 
-#: Replies that mean "scripts are not available here" (disabled, or denied by an ACL).
-_NO_SCRIPTS = ("unknown command", "noperm", "no permissions")
+#: Replies that mean "scripts cannot run here": disabled, denied by an ACL, or a proxy
+#: in front of a sharded Redis that refuses a script over keys of several slots.
+_NO_SCRIPTS = ("unknown command", "noperm", "no permissions", "crossslot")
 
 
 def glob_escape(text: str) -> str:
@@ -114,6 +127,12 @@ class Cache:
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    @property
+    def releases_by_token(self) -> bool:
+        """Whether `write_raw` releases a lease only while it holds the caller's token (with
+        scripts), so that releasing a lease the caller may not hold is harmless."""
+        return self._scripts is not None
 
     async def health(self) -> Literal["up", "down", "disabled"]:
         """A PING through the breaker: "down" at once while the circuit is open."""
@@ -207,8 +226,10 @@ class Cache:
         """`SET key value EX ttl` for each item (no EX where ttl is None), in one round trip.
 
         `release` keys (leases taken with `token`) are unlinked in the same round
-        trip, where they still hold `token`. Not a transaction: MULTI (or MSET +
-        EXPIRE) breaks on a cluster.
+        trip, after every value: with scripts (`releases_by_token`), only where they
+        still hold `token`; on a cluster or where scripts are denied, unconditionally.
+        Not a transaction: MULTI (or MSET + EXPIRE) breaks on a cluster. One item that
+        Redis refuses does not stop the others; the call then answers False.
         """
         if not items and not release:
             return True
@@ -223,12 +244,13 @@ class Cache:
                 await scripts.write(client, [key for key, _, _ in values] + list(leases), args)
 
             n = _SCRIPT_KEYS
-            await asyncio.gather(
-                *(
-                    write(items[i : i + n], release[i : i + n])
-                    for i in range(0, max(len(items), len(release)), n)
-                )
-            )
+            if len(items) <= n and len(release) <= n:
+                await write(items, release)
+                return True
+            # A large batch: every value first, then the leases, so that a replica
+            # waiting on a lease never sees neither the lease nor the value.
+            await _together([write(items[i : i + n], ()) for i in range(0, len(items), n)])
+            await _together([write((), release[i : i + n]) for i in range(0, len(release), n)])
             return True
 
         async def pipelined(client: RedisClient) -> bool:
@@ -267,7 +289,9 @@ class Cache:
         return [_decode(raw) for raw in raws]
 
     async def mset(self, items: Iterable[tuple[str, Any, int | None]]) -> bool:
-        """Store each (key, value, ttl) in one pipeline; a ttl of None keeps the key forever."""
+        """Store each (key, value, ttl) in one round trip; a ttl of None keeps the key forever.
+
+        False when Redis refused any item (an invalid TTL) or is unavailable."""
         return await self.write_raw(
             [(self.prefix + key, jsonutil.dumps(value), ttl) for key, value, ttl in items]
         )
@@ -402,15 +426,26 @@ _T = TypeVar("_T")
 
 
 async def _in_chunks(
-    call: Callable[[Sequence[_T]], Awaitable[Sequence[Any]]], items: Sequence[_T]
+    call: Callable[[Sequence[_T]], Coroutine[Any, Any, Sequence[Any]]], items: Sequence[_T]
 ) -> Sequence[Any]:
     """`call` on slices of at most `_SCRIPT_KEYS` items, concurrently; the replies joined."""
     if len(items) <= _SCRIPT_KEYS:
         return await call(items)
-    parts = await asyncio.gather(
-        *(call(items[i : i + _SCRIPT_KEYS]) for i in range(0, len(items), _SCRIPT_KEYS))
+    parts = await _together(
+        [call(items[i : i + _SCRIPT_KEYS]) for i in range(0, len(items), _SCRIPT_KEYS)]
     )
     return [reply for part in parts for reply in part]
+
+
+async def _together(calls: list[Coroutine[Any, Any, R]]) -> list[R]:
+    """Run `calls` concurrently. Unlike gather, the first failure cancels the others
+    (what is not sent yet is not sent) and is raised as itself, not as a group."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 class _Script:

@@ -298,6 +298,10 @@ class EntityResolver:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
                 held = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
+            elif self._cache.releases_by_token:
+                # The call failed, yet part of it may have run (one of several script
+                # calls): release every lease it may have taken, checked by token.
+                held = lease_keys
 
         async def fetch(entity: Entity, ids: list[str], to_store: list[_Stored]) -> None:
             try:

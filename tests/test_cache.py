@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 
 import orjson
+import pytest
 
+from app.cache import Cache
 from tests.conftest import Service, Sim, StartService
 from tests.support.procs import RedisServer
 
@@ -135,6 +138,24 @@ class TestRoundTrips:
         assert commands["set"] == 2 * len(unique)
         assert commands["unlink"] == len(unique)
         assert not {"multi", "exec", "expire"} & set(commands)
+
+    async def test_leases_of_a_lease_call_that_failed_half_way_are_released(
+        self, service: Service, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = Cache.take_leases
+
+        async def half_failed(self: Cache, keys: Sequence[str], token: str, ttl_ms: int) -> None:
+            await real(self, keys[: len(keys) // 2], token, ttl_ms)  # one call ran...
+            # ...and the other failed: the caller cannot tell which leases it holds
+
+        monkeypatch.setattr(Cache, "take_leases", half_failed)
+
+        response = await service.get("/contacts?instance=acme&per_page=50")
+        await service.settle()
+
+        assert response.headers["x-enrichment"] == "complete"
+        assert list(redis_server.client().scan_iter(match="lease:*")) == []
+        assert list(redis_server.client().scan_iter(match="customer:acme:*"))
 
     async def test_partially_warm_page_fetches_only_the_misses(
         self, service: Service, sim: Sim

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import redis.exceptions
 
 from app.breaker import CircuitBreaker
-from app.cache import Cache
+from app.cache import Cache, _Script
 from app.config import Settings
 from app.redis_client import build_redis
 from tests.support.procs import RedisServer
@@ -197,8 +200,68 @@ class TestBatchScripts:
         assert client.ttl("v:2") == 60
         assert client.keys("lease:[0-9]*") == [b"lease:1500"], "only the foreign lease is left"
         commands = redis_server.command_counts()
-        assert commands["evalsha"] == 9, "three calls of at most 1,000 keys (values) each, x3"
+        # leases: 3 calls; values: 3, then lease releases: 3; reads: 3
+        assert commands["evalsha"] == 12, "calls of at most 1,000 keys each"
         assert "eval" not in commands
+
+    async def test_a_large_write_stores_every_value_then_releases_its_leases(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        client = redis_server.client()
+        leases = [f"lease:{n}" for n in range(2500)]
+        assert await cache.take_leases(leases, "me", 5000) == [True] * 2500
+        client.set("lease:7", b"theirs")
+        values = [(f"v:{n}", b"%d" % n, 60) for n in range(1500)]  # not aligned with leases
+        redis_server.reset_stats()
+
+        assert await cache.write_raw(values, release=leases, token="me")
+
+        assert client.mget([key for key, _, _ in values]) == [v for _, v, _ in values]
+        assert client.keys("lease:*") == [b"lease:7"]
+        commands = redis_server.command_counts()
+        assert commands["evalsha"] == 2 + 3, "values in 2 calls, then leases in 3"
+
+    async def test_one_refused_item_does_not_stop_the_others(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        client = redis_server.client()
+        assert await cache.take_leases(["lease:a"], "me", 5000) == [True]
+
+        stored = await cache.write_raw(
+            [("v:1", b"1", 60), ("v:bad", b"2", 0), ("v:3", b"3", 60)],
+            release=["lease:a"],
+            token="me",
+        )
+
+        assert stored is False, "Redis refused EX 0: the call says so"
+        assert client.get("v:1") == b"1"
+        assert client.get("v:3") == b"3", "the item after the refused one is still stored"
+        assert client.exists("v:bad") == 0
+        assert client.exists("lease:a") == 0, "the lease is released all the same"
+        assert cache.breaker.allow()
+
+    async def test_a_failed_script_call_cancels_the_calls_not_sent_yet(
+        self, cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = _Script.__call__
+        calls: list[str] = []
+
+        async def flaky(self: _Script, client: Any, keys: Any, args: Any = ()) -> Any:
+            calls.append(keys[0])
+            if keys[0] == "lease:1000":
+                raise redis.exceptions.ConnectionError("reset by peer")
+            if keys[0] == "lease:0":
+                await asyncio.sleep(0.2)  # not sent yet when its sibling fails
+            return await real(self, client, keys, args)
+
+        monkeypatch.setattr(_Script, "__call__", flaky)
+
+        taken = await cache.take_leases([f"lease:{n}" for n in range(2000)], "me", 5000)
+        await asyncio.sleep(0.3)
+
+        assert taken is None
+        assert sorted(calls) == ["lease:0", "lease:1000"]
+        assert redis_server.client().keys("lease:*") == [], "the slow call never ran"
 
     async def test_scripts_flushed_from_redis_are_loaded_again(
         self, cache: Cache, redis_server: RedisServer

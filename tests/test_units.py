@@ -127,8 +127,9 @@ class TestRedisCommandPacking:
         ],
     )
     def test_same_bytes_as_redis_py(self, args: tuple[object, ...]) -> None:
-        import app.redis_client  # noqa: F401 (installs the packer)
+        import app.redis_client
 
+        assert RedisConnection.pack_command.__module__ == app.redis_client.__name__
         ours = b"".join(RedisConnection().pack_command(*args))  # type: ignore[arg-type]
         theirs = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
