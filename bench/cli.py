@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target")
     parser.add_argument("--connections", type=int, help="wrk connections (default 64)")
     parser.add_argument("--threads", type=int, help="wrk threads (default 1)")
+    parser.add_argument(
+        "--cold-samples", type=int, help="cold requests per target (default 15), for A/B runs"
+    )
     parser.add_argument("--skip-node", action="store_true", help="without the Node.js reference")
     parser.add_argument("--node-src", type=Path, default=NODE_SOURCE, help="the Node.js reference")
     parser.add_argument(
@@ -69,6 +72,7 @@ def options_from(args: argparse.Namespace) -> Options:
             ("warmup", args.warmup),
             ("connections", args.connections),
             ("threads", args.threads),
+            ("cold_samples", args.cold_samples),
         )
         if value is not None
     }
