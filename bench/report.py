@@ -40,9 +40,18 @@ def machine_info() -> dict[str, Any]:
         text = (out.stdout or out.stderr).strip().splitlines()
         return text[0] if text else "unknown"
 
-    def git(*args: str) -> str:
-        return version("git", "-C", str(REPO), *args)
+    def git(*args: str) -> str | None:
+        """Git's standard output (empty when it has nothing to say), None when git failed."""
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO), *args],
+                capture_output=True, text=True, timeout=10, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
 
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "nproc": cpus,
         "cpu_model": model,
@@ -53,8 +62,9 @@ def machine_info() -> dict[str, Any]:
         "redis": version("redis-server", "--version"),
         "wrk": version("wrk", "--version"),
         "loadavg_start": os.getloadavg(),
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+        "git_commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        # None: not a git checkout (or no git), so nothing is claimed either way
+        "git_dirty": None if status is None else status != "",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

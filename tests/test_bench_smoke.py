@@ -71,3 +71,19 @@ def test_markdown_report_has_the_tables(results: tuple[dict, str]) -> None:
     assert "| service |" in text
     assert "| bare pass-through |" in text
     assert "Machine:" in text
+
+
+def test_report_says_uncommitted_only_when_the_tree_has_changes(
+    results: tuple[dict, str],
+) -> None:
+    data, report = results
+    status = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if status.returncode != 0:
+        assert data["machine"]["git_dirty"] is None  # not a checkout: no claim either way
+    else:
+        dirty = status.stdout.strip() != ""
+        assert data["machine"]["git_dirty"] is dirty
+        assert ("(with uncommitted changes)" in report) is dirty
