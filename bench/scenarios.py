@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import aiohttp
@@ -525,7 +526,14 @@ async def cold(ctx: Context) -> Section:
         "service_overhead_ms": service_p50 - nominal,
         "service_overhead_vs_direct_ms": service_p50 - measured,
         "partial_responses": partial,
+        "paired_vs_service": _paired(times, [v.name for v in opts.variants]),
     }
+    for name, paired in section.data["paired_vs_service"].items():
+        section.notes.append(
+            f"Paired (request n of each, sent back to back): {name} − service, median"
+            f" {paired['median_ms']:+.2f} ms, mean {paired['mean_ms']:+.2f} ms over"
+            f" {paired['pairs']} pairs."
+        )
     section.notes.append(
         f"{opts.cold_samples} sequential requests per target, in turn, each for a new instance"
         f" (nothing cached). Nominal: contacts {opts.contacts_ms:g} ms + one CRM round"
@@ -536,6 +544,17 @@ async def cold(ctx: Context) -> Section:
         " any service."
     )
     return section
+
+
+def _paired(times: dict[str, list[float]], variants: list[str]) -> dict[str, dict[str, float]]:
+    """Each variant minus the service, request by request: the requests of one sample run
+    back to back, so the machine's slow spells hit both sides of a pair alike."""
+    out: dict[str, dict[str, float]] = {}
+    for name in variants:
+        diffs = [v - s for v, s in zip(times[name], times["service"], strict=False)]
+        if diffs:
+            out[name] = {"median_ms": median(diffs), "mean_ms": fmean(diffs), "pairs": len(diffs)}
+    return out
 
 
 async def _direct_cold(

@@ -87,3 +87,14 @@ def test_report_says_uncommitted_only_when_the_tree_has_changes(
         dirty = status.stdout.strip() != ""
         assert data["machine"]["git_dirty"] is dirty
         assert ("(with uncommitted changes)" in report) is dirty
+
+
+def test_cold_variants_are_compared_request_by_request() -> None:
+    from bench.scenarios import _paired
+
+    times = {"service": [50.0, 60.0, 90.0], "b": [48.0, 59.0, 70.0], "c": [55.0]}
+    paired = _paired(times, ["b", "c"])
+
+    # b - service per pair: -2, -1, -20 (a slow spell that hit the service's request)
+    assert paired["b"] == {"median_ms": -2.0, "mean_ms": -23 / 3, "pairs": 3}
+    assert paired["c"] == {"median_ms": 5.0, "mean_ms": 5.0, "pairs": 1}
