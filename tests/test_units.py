@@ -124,6 +124,7 @@ class TestRedisCommandPacking:
             ("CONFIG RESETSTAT",),
             ("SET", bytearray(b"k"), memoryview(b"v")),
             ("SET", "é", "ü", "PX", 0.1),
+            ("ZADD", "z", 1e20, "a", 1 / 3, "b", -0.0, "c"),  # floats written as repr() writes them
         ],
     )
     def test_same_bytes_as_redis_py(self, args: tuple[object, ...]) -> None:
