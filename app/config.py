@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     upstream_timeout_seconds: float = Field(10.0, gt=0)
     upstream_batch_size: int = Field(100, ge=1, le=100)
     upstream_max_connections: int = Field(200, ge=1)
+    max_active_requests: int = Field(32, ge=1)
 
     use_redis: bool = True
     redis_url: str = "redis://localhost:6379/0"

@@ -14,9 +14,10 @@ from typing import Literal
 import structlog
 
 from app import jsonutil, metrics
+from app.admission import Admission, Slot
 from app.entities import ENTITIES, Entity
 from app.resolver import EntityResolver, Resolution
-from app.upstream import Upstream
+from app.upstream import ContactsPage, Upstream
 from app.validation import normalize_id
 
 log = structlog.get_logger("app.contacts")
@@ -43,14 +44,28 @@ class EnrichedPage:
 class ContactsService:
     """Serves one enriched page of contacts of one instance."""
 
-    def __init__(self, upstream: Upstream, resolver: EntityResolver) -> None:
+    def __init__(self, upstream: Upstream, resolver: EntityResolver, admission: Admission) -> None:
         self._upstream = upstream
         self._resolver = resolver
+        self._admission = admission
 
     async def enriched_page(
         self, instance: str, query: str, authorization: str | None, request_id: str
     ) -> EnrichedPage:
         page = await self._upstream.contacts(instance, query, authorization, request_id)
+        # The work from here runs in turn with at most MAX_ACTIVE_REQUESTS others
+        # (app.admission); the wait for the CRM gives the turn back.
+        async with self._admission.slot() as slot:
+            return await self._enrich(instance, page, authorization, request_id, slot)
+
+    async def _enrich(
+        self,
+        instance: str,
+        page: ContactsPage,
+        authorization: str | None,
+        request_id: str,
+        slot: Slot,
+    ) -> EnrichedPage:
         customers: dict[str, None] = {}
         users: dict[str, None] = {}
         wanted: dict[Entity, dict[str, None]] = {"customer": customers, "user": users}
@@ -84,7 +99,7 @@ class ContactsService:
             )
 
         resolution = await self._resolver.resolve(
-            instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id
+            instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id, slot=slot
         )
         body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
         enrichment: Enrichment = (

@@ -9,6 +9,7 @@ from typing import TypedDict
 import structlog
 from fastapi import FastAPI
 
+from app.admission import Admission
 from app.breaker import CircuitBreaker
 from app.cache import Cache
 from app.config import Settings
@@ -26,6 +27,7 @@ class State(TypedDict):
     settings: Settings
     cache: Cache
     resolver: EntityResolver
+    admission: Admission
     contacts: ContactsService
 
 
@@ -73,11 +75,13 @@ def lifespan_for(settings: Settings) -> object:
             whatsapp_api_url=settings.whatsapp_api_url,
             crm_api_url=settings.crm_api_url,
         )
+        admission = Admission(settings.max_active_requests)
         state = State(
             settings=settings,
             cache=cache,
             resolver=resolver,
-            contacts=ContactsService(upstream, resolver),
+            admission=admission,
+            contacts=ContactsService(upstream, resolver, admission),
         )
         app.state.resources = state  # for tools and tests that hold the app, not a request
         try:

@@ -102,6 +102,18 @@ HTTP_DURATION = Histogram(
     ["method", "route"],
     buckets=_LATENCY_BUCKETS,
 )
+# Admission control (app.admission), summed over live workers.
+ADMISSION_ACTIVE = Gauge(
+    "admission_active",
+    "/contacts requests holding a turn (parsing, reading Redis, encoding)",
+    multiprocess_mode="livesum",
+)
+ADMISSION_QUEUED = Gauge(
+    "admission_queued", "/contacts requests waiting for a turn", multiprocess_mode="livesum"
+)
+ADMISSION_WAITS = Counter(
+    "admission_waits_total", "/contacts requests (and resumptions) that waited for a turn"
+)
 ENRICHMENT = Counter(
     "contacts_enrichment_total", "Contacts responses by enrichment state", ["state"]
 )

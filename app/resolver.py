@@ -27,6 +27,7 @@ from typing import Final
 import structlog
 
 from app import metrics
+from app.admission import Slot
 from app.cache import Cache
 from app.entities import ENTITIES, Entity
 from app.upstream import CrmError, Upstream
@@ -105,8 +106,13 @@ class EntityResolver:
         wanted: dict[Entity, Sequence[str]],
         authorization: str | None,
         request_id: str,
+        *,
+        slot: Slot | None = None,
     ) -> Resolution:
-        """Resolve unique, valid ids of each entity; never raises for Redis or CRM failures."""
+        """Resolve unique, valid ids of each entity; never raises for Redis or CRM failures.
+
+        `slot`, the request's turn (app.admission), is given back while it waits for the CRM.
+        """
         policy = self._policy
         keys = [self._cache.entity_key(e, instance, i) for e in ENTITIES for i in wanted[e]]
         entries = await self._read(keys)
@@ -146,7 +152,9 @@ class EntityResolver:
         if any(refresh.values()):
             resolution.refreshes = self._refresh(instance, refresh, authorization, request_id)
         if resolution.misses:
-            await self._fetch_misses(instance, misses, stale, authorization, request_id, resolution)
+            await self._fetch_misses(
+                instance, misses, stale, authorization, request_id, resolution, slot
+            )
         return resolution
 
     def forget(self, entity: Entity, instance: str, entity_id: str) -> None:
@@ -236,6 +244,7 @@ class EntityResolver:
         authorization: str | None,
         request_id: str,
         resolution: Resolution,
+        slot: Slot | None,
     ) -> None:
         owned, mine = self._claim(instance, misses)
         if mine:
@@ -252,6 +261,8 @@ class EntityResolver:
         pending = [f for _, _, f in waits if f is not None and not f.done()]
         if pending:
             started = time.perf_counter()
+            if slot is not None:
+                slot.pause()  # waiting on I/O: other requests may use the loop meanwhile
             # One suspension per batch, not a callback per id (as asyncio.wait would add).
             # shield: a cancelled request leaves the shared futures, and the task that
             # fills them, running for everyone else.
@@ -259,6 +270,8 @@ class EntityResolver:
                 if not waiting.done():
                     await asyncio.shield(waiting)
             resolution.crm_wait = time.perf_counter() - started
+            if slot is not None:
+                await slot.resume()
         for entity, entity_id, future in waits:
             # None: an admin invalidation dropped the lookup in between; treat as failed
             result = future.result() if future is not None else FAILED

@@ -1,0 +1,177 @@
+"""Admission control: at most MAX_ACTIVE_REQUESTS at once, in order; waits on I/O don't count."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.admission import Admission, Slot
+from simupstream.app import Failure
+from tests.conftest import Sim, StartService
+from tests.support.procs import RedisServer, eventually
+
+
+async def _turns() -> None:
+    """Let every ready task run until it blocks again."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class TestAdmission:
+    async def test_at_most_limit_hold_a_turn_and_the_others_enter_in_arrival_order(self) -> None:
+        admission = Admission(2)
+        entered: list[int] = []
+        done = {n: asyncio.Event() for n in range(5)}
+
+        async def request(n: int) -> None:
+            async with admission.slot():
+                entered.append(n)
+                await done[n].wait()
+
+        tasks = [asyncio.create_task(request(n)) for n in range(5)]
+        await _turns()
+        assert entered == [0, 1]
+        assert (admission.active, admission.queued) == (2, 3)
+
+        done[1].set()
+        await _turns()
+        assert entered == [0, 1, 2]
+        done[0].set()
+        await _turns()
+        assert entered == [0, 1, 2, 3]
+        for event in done.values():
+            event.set()
+        await asyncio.gather(*tasks)
+        assert entered == [0, 1, 2, 3, 4]
+        assert (admission.active, admission.queued) == (0, 0)
+
+    async def test_a_cancelled_waiter_leaves_no_trace(self) -> None:
+        admission = Admission(1)
+        holder = admission.slot()
+        await holder.__aenter__()
+        waiter = asyncio.create_task(admission.acquire())
+        await _turns()
+        assert admission.queued == 1
+
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (admission.active, admission.queued) == (1, 0)
+        await holder.__aexit__(None, None, None)
+        assert admission.active == 0
+        await asyncio.wait_for(admission.acquire(), 1)  # free at once: nothing was lost
+        assert admission.active == 1
+        admission.release()
+
+    async def test_a_turn_handed_to_a_waiter_cancelled_meanwhile_passes_to_the_next(self) -> None:
+        admission = Admission(1)
+        await admission.acquire()
+        first = asyncio.create_task(admission.acquire())
+        second = asyncio.create_task(admission.acquire())
+        await _turns()
+
+        admission.release()  # hands the turn to `first`, which has not run yet...
+        first.cancel()  # ...and is cancelled before it does
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 1)
+        assert (admission.active, admission.queued) == (1, 0)
+        admission.release()
+        assert admission.active == 0
+
+    async def test_a_paused_slot_lets_the_next_in_and_resumes_ahead_of_new_requests(self) -> None:
+        admission = Admission(1)
+        order: list[str] = []
+        slot: Slot = admission.slot()
+        await slot.__aenter__()
+        gate = asyncio.Event()
+
+        async def newcomer(name: str) -> None:
+            async with admission.slot():
+                order.append(name)
+                await gate.wait()
+
+        a = asyncio.create_task(newcomer("a"))
+        b = asyncio.create_task(newcomer("b"))
+        await _turns()
+        slot.pause()  # e.g. waiting for the CRM
+        slot.pause()  # idempotent
+        await _turns()
+        assert order == ["a"]
+
+        resumed = asyncio.create_task(slot.resume())
+        await _turns()
+        assert admission.queued == 2
+        gate.set()
+        await asyncio.wait_for(resumed, 1)
+        assert order == ["a"], "the paused request goes before `b`, which had not begun"
+        await slot.__aexit__(None, None, None)
+        await asyncio.gather(a, b)
+        assert order == ["a", "b"]
+        assert (admission.active, admission.queued) == (0, 0)
+
+    def test_a_limit_below_one_is_refused(self) -> None:
+        with pytest.raises(ValueError):
+            Admission(0)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+class TestAdmissionInTheService:
+    async def test_requests_beyond_the_limit_wait_their_turn_and_all_succeed(
+        self, start_service: StartService, redis_server: RedisServer
+    ) -> None:
+        service = await start_service(max_active_requests=2, redis_timeout_seconds=5)
+        path = "/contacts?instance=acme&per_page=20"
+        assert (await service.get(path)).status_code == 200
+        await service.settle()
+        admission: Admission = service.resources["admission"]
+        # The gauges are the process's, which every in-process service of the test run shares.
+        before = (await service.get("/metrics")).text
+        redis_server.reset_stats()
+
+        redis_server.pause()  # every MGET now waits: the requests pile up
+        pending = [asyncio.create_task(service.get(path)) for _ in range(5)]
+        try:
+            await eventually(lambda: admission.queued == 3, message="3 requests queued")
+            assert admission.active == 2
+            during = (await service.get("/metrics")).text
+        finally:
+            redis_server.resume()
+            responses = await asyncio.gather(*pending)
+        for name, expected in (("admission_active", 2), ("admission_queued", 3)):
+            assert _metric(during, name) - _metric(before, name) == expected, name
+        assert (
+            _metric(during, "admission_waits_total") - _metric(before, "admission_waits_total") == 3
+        )
+
+        assert [r.status_code for r in responses] == [200] * 5
+        assert {r.headers["x-enrichment"] for r in responses} == {"complete"}
+        assert redis_server.command_counts().get("mget") == 5, "one Redis read each, no retry"
+        assert (admission.active, admission.queued) == (0, 0)
+
+    async def test_a_request_waiting_for_the_crm_does_not_hold_back_a_cached_page(
+        self, start_service: StartService, sim: Sim
+    ) -> None:
+        service = await start_service(max_active_requests=1, upstream_timeout_seconds=3)
+        cached = "/contacts?instance=acme&per_page=20"
+        assert (await service.get(cached)).headers["x-enrichment"] == "complete"
+        await service.settle()
+
+        sim.state.fail["customers"] = Failure(hang=True)  # the CRM stops answering
+        cold = asyncio.create_task(service.get("/contacts?instance=other&per_page=20"))
+        await eventually(lambda: sim.stats()["calls"]["customers"] == 2, message="CRM called")
+        warm = await service.get(cached)
+
+        assert warm.status_code == 200
+        assert warm.headers["x-enrichment"] == "complete"
+        assert not cold.done(), "the cold request is still waiting for the CRM"
+        late = await cold
+        assert late.status_code == 200
+        assert late.headers["x-enrichment"] == "partial"
