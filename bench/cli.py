@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, help="wrk connections (default 64)")
     parser.add_argument("--threads", type=int, help="wrk threads (default 1)")
     parser.add_argument(
+        "--overload-connections", type=int, help="wrk connections of the overload scenario (256)"
+    )
+    parser.add_argument(
         "--cold-samples", type=int, help="cold requests per target (default 15), for A/B runs"
     )
     parser.add_argument("--skip-node", action="store_true", help="without the Node.js reference")
@@ -48,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=DIR[,VAR=VALUE...]",
         help="also run the service from DIR (a folder with an `app` package, e.g. a git"
-        " worktree), with these environment variables, in the warm, cold and stampede"
-        " scenarios, for A/B comparisons; repeatable",
+        " worktree), with these environment variables, in the warm, cold, stampede and"
+        " overload scenarios, for A/B comparisons; repeatable",
     )
     parser.add_argument(
         "--warm-targets",
@@ -73,6 +76,7 @@ def options_from(args: argparse.Namespace) -> Options:
             ("connections", args.connections),
             ("threads", args.threads),
             ("cold_samples", args.cold_samples),
+            ("overload_connections", args.overload_connections),
         )
         if value is not None
     }

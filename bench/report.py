@@ -168,6 +168,17 @@ def summary_rows(sections: dict[str, Section]) -> list[list[str]]:
             "1",
             st["max_fetches_per_id"] == 1,
         )
+    if "overload" in sections:
+        d = sections["overload"].data
+        svc, free = d["targets"]["service"], d["targets"]["service-unlimited"]
+        add(
+            f"overload (wrk -c{d['connections']}): throughput, Redis errors;"
+            " service / without the admission limit",
+            f"{d['service_vs_unlimited']:.2f}× ({svc['rps']:,.0f} vs {free['rps']:,.0f} req/s),"
+            f" {svc['redis_errors']:g} vs {free['redis_errors']:g}",
+            "(reported)",
+            None,
+        )
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The six scenarios of issue 4. Each returns a `Section`: a table, its raw numbers, notes.
+"""The scenarios of issue 4, and overload. Each returns a `Section`: a table, its numbers, notes.
 
 Every comparison is made inside one run, the competitors measured in turn
 (A B C D, A B C D, ...), and reported as the median of the rounds and the
@@ -31,6 +31,8 @@ from simupstream import data
 WARM_USERS = 100
 DEFAULT_USERS = data.DEFAULT_USERS
 DEFAULT_CUSTOMERS = data.DEFAULT_CUSTOMERS
+#: MAX_ACTIVE_REQUESTS of the service without admission control (overload scenario)
+UNLIMITED = 1_000_000
 #: Redis commands the benchmark itself sends (excluded from the counts).
 _ADMIN_COMMANDS = {
     "info",
@@ -70,6 +72,8 @@ class Options:
     stampede: int = 200
     stampede_pages: int = 4
     memory_customers: int = 100_000
+    #: wrk connections of the overload scenario: four times the warm scenario's
+    overload_connections: int = 256
     contacts_ms: float = 5.0
     crm_ms: float = 20.0
     skip_node: bool = False
@@ -92,6 +96,7 @@ class Options:
             "startup_runs": 2,
             "stampede": 40,
             "memory_customers": 5_000,
+            "overload_connections": 32,
         }
         values.update(overrides)
         return cls(**values)
@@ -134,6 +139,12 @@ class Context:
                 "service": lambda: stack.start_service("service", db=0),
                 "node": lambda: stack.start_node("node", db=1),
                 "service-noredis": lambda: stack.start_service("service-noredis", db=None),
+                "service-unlimited": lambda: stack.start_service(
+                    "service-unlimited",
+                    db=0,
+                    label="service, no admission limit",
+                    env={"MAX_ACTIVE_REQUESTS": str(UNLIMITED)},
+                ),
                 "passthrough": lambda: stack.start_passthrough("passthrough"),
             }
             self._targets[name] = starters[name]()
@@ -929,6 +940,126 @@ async def _burst(http: aiohttp.ClientSession, url: str, n: int) -> None:
     await asyncio.gather(*(one() for _ in range(n)))
 
 
+# -- 7. overload ----------------------------------------------------------------------------
+
+
+def _service_counters(target: Target) -> dict[str, float]:
+    """Counters summed over labels from the service's `/metrics`."""
+    wanted = ("redis_errors_total", "cache_misses_total", "crm_ids_fetched_total")
+    totals = dict.fromkeys(wanted, 0.0)
+    with urllib.request.urlopen(target.url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+async def overload(ctx: Context) -> Section:
+    """The warm page at several times the warm scenario's load, with and without the
+    admission limit (MAX_ACTIVE_REQUESTS): what saturation does to Redis reads."""
+    opts, sim = ctx.options, ctx.stack.sim
+    sim.configure(
+        latency_ms={"contacts": 0, "customers": 0, "users": 0},
+        users=WARM_USERS,
+        customers=DEFAULT_CUSTOMERS,
+    )
+    instance = "bench-warm"
+    page = clean_page(instance, opts.page_size, DEFAULT_CUSTOMERS, WARM_USERS)
+    path = contacts_path(instance, opts.page_size, page)
+    names = ["service", "service-unlimited", *(v.name for v in opts.variants)]
+    targets = [ctx.target(n) for n in names]
+    async with session() as http:
+        for target in targets:
+            for _ in range(2):  # the first fills the cache if no scenario did
+                reply = await timed_get(http, target.url + path)
+            if reply.status != 200:
+                raise RuntimeError(f"{target.name}: {path} answered {reply.status}")
+            await settle(0.1)
+    conns = opts.overload_connections
+    runs: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
+    deltas: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    for round_no in range(opts.rounds):
+        for target in targets:
+            before = _service_counters(target)
+            result = await run_wrk(
+                target.url + path, duration=opts.duration, connections=conns, threads=opts.threads
+            )
+            after = _service_counters(target)
+            await settle(0.5)  # let the background work of a saturated run finish
+            runs[target.name].append(result)
+            deltas[target.name].append({k: after[k] - before[k] for k in after})
+            ctx.log(
+                f"  round {round_no + 1} {target.name:18} {result.rps:9,.0f} req/s"
+                f"  p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms"
+                f"  Redis errors {deltas[target.name][-1]['redis_errors_total']:g}"
+                + (f"  ERRORS {result.errors}" if result.errors else "")
+            )
+    section = Section(
+        "overload",
+        f"7. Overload: the warm page at {conns} connections",
+        [
+            "target",
+            "req/s (median)",
+            "req/s per round",
+            "p50 ms",
+            "p99 ms",
+            "Redis errors",
+            "ids read as misses / request",
+            "CRM ids fetched",
+            "HTTP errors",
+        ],
+    )
+    summary: dict[str, Any] = {}
+    for target in targets:
+        results, counted = runs[target.name], deltas[target.name]
+        requests = sum(r.requests for r in results)
+        row = {
+            "label": target.label,
+            "rps": median([r.rps for r in results]),
+            "rps_rounds": [r.rps for r in results],
+            "p50_ms": median([r.p50_ms for r in results]),
+            "p99_ms": median([r.p99_ms for r in results]),
+            "redis_errors": sum(d["redis_errors_total"] for d in counted),
+            "misses_per_request": (
+                sum(d["cache_misses_total"] for d in counted) / requests if requests else 0.0
+            ),
+            "crm_ids_fetched": sum(d["crm_ids_fetched_total"] for d in counted),
+            "http_errors": sum(r.errors for r in results),
+            "requests": requests,
+        }
+        summary[target.name] = row
+        section.rows.append(
+            [
+                target.label,
+                f"{row['rps']:,.0f}",
+                " / ".join(f"{r:,.0f}" for r in row["rps_rounds"]),
+                fmt(row["p50_ms"]),
+                fmt(row["p99_ms"]),
+                f"{row['redis_errors']:g}",
+                f"{row['misses_per_request']:.2f}",
+                f"{row['crm_ids_fetched']:g}",
+                str(row["http_errors"]),
+            ]
+        )
+    ratio = median(
+        [
+            a.rps / b.rps
+            for a, b in zip(runs["service"], runs["service-unlimited"], strict=True)
+            if b.rps
+        ]
+    )
+    section.data = {"targets": summary, "connections": conns, "service_vs_unlimited": ratio}
+    section.notes.append(
+        f"wrk -c{conns} for {opts.duration:g} s per round, {opts.rounds} rounds in turn, on the"
+        " cached page of the warm scenario; counters from each service's /metrics. `service`"
+        " runs with the default MAX_ACTIVE_REQUESTS; the other with no effective limit"
+        f" ({UNLIMITED:,}). Throughput, service / no limit: {ratio:.2f}× (median of"
+        " per-round ratios)."
+    )
+    return section
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[Section]]] = {
     "warm": warm,
     "cold": cold,
@@ -936,4 +1067,5 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[Section]]] = {
     "memory": memory,
     "startup": startup,
     "stampede": stampede,
+    "overload": overload,
 }

@@ -24,7 +24,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     run = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--skip-node",
-            "--scenarios", "warm,counts", "--out", str(out),
+            "--scenarios", "warm,counts,overload", "--out", str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -62,12 +62,25 @@ def test_counts_scenario_counts_redis_and_crm(results: tuple[dict, str]) -> None
     assert rows["service-noredis", "warm, every id exists"]["crm_ids"] > 0
 
 
+def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str]) -> None:
+    data, _ = results
+    section = data["scenarios"]["overload"]["data"]
+
+    assert set(section["targets"]) == {"service", "service-unlimited"}
+    for name, row in section["targets"].items():
+        assert row["rps"] > 0, name
+        assert row["requests"] > 0, name
+        assert row["http_errors"] == 0, name
+    assert section["service_vs_unlimited"] > 0
+
+
 def test_markdown_report_has_the_tables(results: tuple[dict, str]) -> None:
     _, text = results
 
     assert "## Summary" in text
     assert "## 1. Warm cache" in text
     assert "## 3. Per request, counted" in text
+    assert "## 7. Overload" in text
     assert "| service |" in text
     assert "| bare pass-through |" in text
     assert "Machine:" in text
