@@ -3,13 +3,15 @@
 A process has one event loop, and every Redis call runs under a deadline
 (`REDIS_TIMEOUT_SECONDS`). Past a few dozen requests at once, a reply that
 Redis sent in well under a millisecond waits its turn behind every other
-request's work, the deadline passes, and a healthy Redis is counted as
-failing: the page is read as misses and the breaker opens, so overload
-becomes more work (measured in bench/README.md). Requests beyond the limit
-therefore wait their turn, first come first served, before they parse, read
-Redis and encode; a request waiting for the contacts API or the CRM gives
-its turn back meanwhile, so a slow upstream never holds back pages that are
-cached, and takes it again ahead of the requests not yet begun.
+request's work (and the pooled connections are all held meanwhile), the
+deadline passes, and a healthy Redis is counted as failing: the page is read
+as misses, and failures in a row open the breaker, so overload becomes more
+work (README, "Overload"). Requests beyond the limit therefore wait their
+turn, first come first served, once their contacts page is in and parsed,
+before they read its ids, read Redis and encode the answer. A request
+waiting for the CRM gives its turn back meanwhile, so a slow upstream never
+holds back pages that are cached, and takes it again ahead of the requests
+not yet begun. Background work (leases, cache writes, refreshes) takes no turn.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from app import metrics
 
 
 class Admission:
-    """At most `limit` holders at once; the others wait in arrival order (FIFO)."""
+    """At most `limit` holders at once; the others wait in arrival order (FIFO), resumed
+    requests (`first`) ahead of new ones."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self._active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resumed: deque[asyncio.Future[None]] = deque()
+        self._new: deque[asyncio.Future[None]] = deque()
 
     @property
     def active(self) -> int:
@@ -36,23 +40,21 @@ class Admission:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(1 for w in (*self._resumed, *self._new) if not w.done())
 
     def slot(self) -> Slot:
         """One request's turn: `async with admission.slot() as slot:`."""
         return Slot(self)
 
     async def acquire(self, *, first: bool = False) -> None:
-        """Wait for a turn; `first` goes ahead of every waiting request (work already begun)."""
-        if self._active < self.limit and not self._waiters:
+        """Wait for a turn; `first` goes ahead of the requests that have not begun."""
+        if self._active < self.limit and not self._resumed and not self._new:
             self._active += 1
             metrics.ADMISSION_ACTIVE.inc()
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if first:
-            self._waiters.appendleft(waiter)
-        else:
-            self._waiters.append(waiter)
+        queue = self._resumed if first else self._new
+        queue.append(waiter)
         metrics.ADMISSION_QUEUED.inc()
         metrics.ADMISSION_WAITS.inc()
         try:
@@ -60,18 +62,19 @@ class Admission:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a turn just as it was cancelled: pass it on
-            else:
-                self._waiters.remove(waiter)
+            elif waiter in queue:  # (a `release` in between may have dropped it already)
+                queue.remove(waiter)
             raise
         finally:
             metrics.ADMISSION_QUEUED.dec()
 
     def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        for queue in (self._resumed, self._new):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():  # not cancelled
+                    waiter.set_result(None)
+                    return
         self._active -= 1
         metrics.ADMISSION_ACTIVE.dec()
 

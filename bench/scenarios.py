@@ -973,19 +973,19 @@ async def overload(ctx: Context) -> Section:
         for target in targets:
             for _ in range(2):  # the first fills the cache if no scenario did
                 reply = await timed_get(http, target.url + path)
-            if reply.status != 200:
-                raise RuntimeError(f"{target.name}: {path} answered {reply.status}")
-            await settle(0.1)
+                if reply.status != 200:
+                    raise RuntimeError(f"{target.name}: {path} answered {reply.status}")
+                await settle(0.1)
     conns = opts.overload_connections
     runs: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
     deltas: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     for round_no in range(opts.rounds):
         for target in targets:
-            before = _service_counters(target)
+            before = await asyncio.to_thread(_service_counters, target)
             result = await run_wrk(
                 target.url + path, duration=opts.duration, connections=conns, threads=opts.threads
             )
-            after = _service_counters(target)
+            after = await asyncio.to_thread(_service_counters, target)
             await settle(0.5)  # let the background work of a saturated run finish
             runs[target.name].append(result)
             deltas[target.name].append({k: after[k] - before[k] for k in after})
@@ -1042,13 +1042,12 @@ async def overload(ctx: Context) -> Section:
                 str(row["http_errors"]),
             ]
         )
-    ratio = median(
-        [
-            a.rps / b.rps
-            for a, b in zip(runs["service"], runs["service-unlimited"], strict=True)
-            if b.rps
-        ]
-    )
+    ratios = [
+        a.rps / b.rps
+        for a, b in zip(runs["service"], runs["service-unlimited"], strict=True)
+        if b.rps
+    ]
+    ratio = median(ratios) if ratios else float("nan")
     section.data = {"targets": summary, "connections": conns, "service_vs_unlimited": ratio}
     section.notes.append(
         f"wrk -c{conns} for {opts.duration:g} s per round, {opts.rounds} rounds in turn, on the"

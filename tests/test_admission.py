@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
-from app.admission import Admission, Slot
+from app import metrics
+from app.admission import Admission
 from simupstream.app import Failure
 from tests.conftest import Sim, StartService
 from tests.support.procs import RedisServer, eventually
@@ -18,8 +21,34 @@ async def _turns() -> None:
         await asyncio.sleep(0)
 
 
+def _gauges() -> tuple[float, float]:
+    """The process's `admission_active` and `admission_queued` (shared by every Admission)."""
+    return metrics.ADMISSION_ACTIVE._value.get(), metrics.ADMISSION_QUEUED._value.get()
+
+
+@pytest.fixture
+def gauges_settle() -> Iterator[None]:
+    """Each test leaves the process-wide gauges as it found them: no turn is leaked."""
+    before = _gauges()
+    yield
+    assert _gauges() == before
+
+
+@pytest.fixture
+async def tasks() -> AsyncIterator[list[asyncio.Task[Any]]]:
+    """Tasks a test starts; whatever still runs at its end (a failed assertion) is cancelled."""
+    started: list[asyncio.Task[Any]] = []
+    yield started
+    for task in started:
+        task.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
+
+
+@pytest.mark.usefixtures("gauges_settle")
 class TestAdmission:
-    async def test_at_most_limit_hold_a_turn_and_the_others_enter_in_arrival_order(self) -> None:
+    async def test_at_most_limit_hold_a_turn_and_the_others_enter_in_arrival_order(
+        self, tasks: list[asyncio.Task[Any]]
+    ) -> None:
         admission = Admission(2)
         entered: list[int] = []
         done = {n: asyncio.Event() for n in range(5)}
@@ -29,7 +58,7 @@ class TestAdmission:
                 entered.append(n)
                 await done[n].wait()
 
-        tasks = [asyncio.create_task(request(n)) for n in range(5)]
+        tasks += [asyncio.create_task(request(n)) for n in range(5)]
         await _turns()
         assert entered == [0, 1]
         assert (admission.active, admission.queued) == (2, 3)
@@ -46,29 +75,47 @@ class TestAdmission:
         assert entered == [0, 1, 2, 3, 4]
         assert (admission.active, admission.queued) == (0, 0)
 
-    async def test_a_cancelled_waiter_leaves_no_trace(self) -> None:
+    async def test_a_cancelled_waiter_leaves_no_trace(self, tasks: list[asyncio.Task[Any]]) -> None:
         admission = Admission(1)
-        holder = admission.slot()
-        await holder.__aenter__()
-        waiter = asyncio.create_task(admission.acquire())
+        base_active, base_queued = _gauges()
+        await admission.acquire()
+        tasks.append(waiter := asyncio.create_task(admission.acquire()))
         await _turns()
         assert admission.queued == 1
+        assert _gauges() == (base_active + 1, base_queued + 1)
 
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert (admission.active, admission.queued) == (1, 0)
-        await holder.__aexit__(None, None, None)
+        assert _gauges() == (base_active + 1, base_queued)
+        admission.release()
         assert admission.active == 0
         await asyncio.wait_for(admission.acquire(), 1)  # free at once: nothing was lost
         assert admission.active == 1
         admission.release()
 
-    async def test_a_turn_handed_to_a_waiter_cancelled_meanwhile_passes_to_the_next(self) -> None:
+    async def test_a_waiter_cancelled_then_skipped_by_a_release_still_raises_cancelled(
+        self, tasks: list[asyncio.Task[Any]]
+    ) -> None:
         admission = Admission(1)
         await admission.acquire()
-        first = asyncio.create_task(admission.acquire())
-        second = asyncio.create_task(admission.acquire())
+        tasks.append(waiter := asyncio.create_task(admission.acquire()))
+        await _turns()
+
+        waiter.cancel()  # its future is cancelled now, its clean-up runs later...
+        admission.release()  # ...after this release has dropped it and found no one else
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (admission.active, admission.queued) == (0, 0)
+
+    async def test_a_turn_handed_to_a_waiter_cancelled_meanwhile_passes_to_the_next(
+        self, tasks: list[asyncio.Task[Any]]
+    ) -> None:
+        admission = Admission(1)
+        await admission.acquire()
+        tasks.append(first := asyncio.create_task(admission.acquire()))
+        tasks.append(second := asyncio.create_task(admission.acquire()))
         await _turns()
 
         admission.release()  # hands the turn to `first`, which has not run yet...
@@ -80,40 +127,79 @@ class TestAdmission:
         admission.release()
         assert admission.active == 0
 
-    async def test_a_paused_slot_lets_the_next_in_and_resumes_ahead_of_new_requests(self) -> None:
+    async def test_paused_slots_let_others_in_and_resume_in_order_ahead_of_new_requests(
+        self, tasks: list[asyncio.Task[Any]]
+    ) -> None:
         admission = Admission(1)
         order: list[str] = []
-        slot: Slot = admission.slot()
-        await slot.__aenter__()
         gate = asyncio.Event()
 
-        async def newcomer(name: str) -> None:
-            async with admission.slot():
+        async def request(name: str, pause: asyncio.Event | None = None) -> None:
+            async with admission.slot() as slot:
                 order.append(name)
-                await gate.wait()
+                if pause is not None:
+                    slot.pause()  # e.g. waiting for the CRM
+                    slot.pause()  # idempotent
+                    await pause.wait()
+                    await slot.resume()
+                    order.append(f"{name} again")
+                else:
+                    await gate.wait()
 
-        a = asyncio.create_task(newcomer("a"))
-        b = asyncio.create_task(newcomer("b"))
+        crm_a, crm_b = asyncio.Event(), asyncio.Event()
+        tasks.append(asyncio.create_task(request("a", crm_a)))
+        tasks.append(asyncio.create_task(request("b", crm_b)))
+        tasks.append(asyncio.create_task(request("c")))  # holds the turn until `gate`
         await _turns()
-        slot.pause()  # e.g. waiting for the CRM
-        slot.pause()  # idempotent
+        assert order == ["a", "b", "c"]
+        tasks.append(asyncio.create_task(request("d")))  # new, waits behind `c`
         await _turns()
-        assert order == ["a"]
+        crm_a.set()  # `a` asks for its turn back first, then `b`
+        await _turns()
+        crm_b.set()
+        await _turns()
+        assert admission.queued == 3
 
-        resumed = asyncio.create_task(slot.resume())
-        await _turns()
-        assert admission.queued == 2
         gate.set()
-        await asyncio.wait_for(resumed, 1)
-        assert order == ["a"], "the paused request goes before `b`, which had not begun"
-        await slot.__aexit__(None, None, None)
-        await asyncio.gather(a, b)
-        assert order == ["a", "b"]
+        await asyncio.wait_for(asyncio.gather(*tasks), 1)
+        assert order == ["a", "b", "c", "a again", "b again", "d"]
         assert (admission.active, admission.queued) == (0, 0)
 
     def test_a_limit_below_one_is_refused(self) -> None:
         with pytest.raises(ValueError):
             Admission(0)
+
+
+class _RecordingSlot:
+    """Stands in for a request's turn and records what the resolver does with it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pause(self) -> None:
+        self.events.append("pause")
+
+    async def resume(self) -> None:
+        self.events.append("resume")
+
+
+class TestResolverGivesTheTurnBack:
+    async def test_only_while_it_waits_for_the_crm(self, start_service: StartService) -> None:
+        service = await start_service()
+        resolver = service.resources["resolver"]
+        wanted = {"customer": ["1", "2"], "user": ["1"]}
+
+        cold = _RecordingSlot()
+        resolution = await resolver.resolve("acme", wanted, None, "r1", slot=cold)
+        await service.settle()
+        warm = _RecordingSlot()
+        again = await resolver.resolve("acme", wanted, None, "r2", slot=warm)
+
+        assert resolution.misses == 3
+        assert resolution.values["customer"]["1"] is not None
+        assert cold.events == ["pause", "resume"], "the turn is taken back before returning"
+        assert again.hits == 3
+        assert warm.events == [], "a cached page never gives its turn away"
 
 
 def _metric(text: str, name: str) -> float:
