@@ -46,12 +46,15 @@ class Admission:
         """One request's turn: `async with admission.slot() as slot:`."""
         return Slot(self)
 
-    async def acquire(self, *, first: bool = False) -> None:
-        """Wait for a turn; `first` goes ahead of the requests that have not begun."""
+    async def acquire(self, *, first: bool = False) -> bool:
+        """Wait for a turn; `first` goes ahead of the requests that have not begun.
+
+        True when it had to wait, False when a turn was free.
+        """
         if self._active < self.limit and not self._resumed and not self._new:
             self._active += 1
             metrics.ADMISSION_ACTIVE.inc()
-            return
+            return False
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._resumed if first else self._new
         queue.append(waiter)
@@ -67,6 +70,7 @@ class Admission:
             raise
         finally:
             metrics.ADMISSION_QUEUED.dec()
+        return True
 
     def release(self) -> None:
         for queue in (self._resumed, self._new):
@@ -82,14 +86,16 @@ class Admission:
 class Slot:
     """A request's turn, which it can give back while it waits on I/O (`pause`/`resume`)."""
 
-    __slots__ = ("_admission", "_held")
+    __slots__ = ("_admission", "_held", "waited")
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._held = False
+        #: whether the request had to wait for its first turn
+        self.waited = False
 
     async def __aenter__(self) -> Slot:
-        await self._admission.acquire()
+        self.waited = await self._admission.acquire()
         self._held = True
         return self
 

@@ -8,6 +8,7 @@ objects are spliced in as raw JSON (`orjson.Fragment`), never re-parsed.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,7 @@ import structlog
 from app import jsonutil, metrics
 from app.admission import Admission, Slot
 from app.entities import ENTITIES, Entity
+from app.errors import ClientGone
 from app.resolver import EntityResolver, Resolution
 from app.upstream import ContactsPage, Upstream
 from app.validation import normalize_id
@@ -50,12 +52,21 @@ class ContactsService:
         self._admission = admission
 
     async def enriched_page(
-        self, instance: str, query: str, authorization: str | None, request_id: str
+        self,
+        instance: str,
+        query: str,
+        authorization: str | None,
+        request_id: str,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> EnrichedPage:
+        """The enriched page; raises `ClientGone` when the client left while the request
+        waited for its turn (`client_gone` tells), and the upstream's errors."""
         page = await self._upstream.contacts(instance, query, authorization, request_id)
         # The work from here runs in turn with at most MAX_ACTIVE_REQUESTS others
         # (app.admission); the wait for the CRM gives the turn back.
         async with self._admission.slot() as slot:
+            if slot.waited and client_gone is not None and await client_gone():
+                raise ClientGone()  # under overload: no Redis read, no answer for nobody
             return await self._enrich(instance, page, authorization, request_id, slot)
 
     async def _enrich(

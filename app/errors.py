@@ -33,6 +33,14 @@ class GatewayTimeout(AppError):
     detail = "upstream contacts API timed out"
 
 
+class ClientGone(AppError):
+    """The client disconnected while its request waited for a turn (app.admission): the
+    request is dropped unserved. 499, as nginx logs it; nobody receives the response."""
+
+    status_code = 499
+    detail = "client closed the request"
+
+
 class UpstreamRejected(Exception):
     """The WhatsApp API answered 4xx: its status and body go to the caller unchanged."""
 

@@ -51,6 +51,7 @@ class Service:
     url: str
     app: FastAPI
     http: httpx.AsyncClient
+    server: InProcessServer
 
     @property
     def resources(self) -> Any:
@@ -92,7 +93,7 @@ async def start_service(sim: Sim, redis_server: RedisServer) -> AsyncIterator[St
         server = await InProcessServer(app).start()
         client = httpx.AsyncClient(base_url=server.url, timeout=30)
         running.append((server, client))
-        return Service(server.url, app, client)
+        return Service(server.url, app, client, server)
 
     yield start
     for server, client in running:

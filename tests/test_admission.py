@@ -261,3 +261,38 @@ class TestAdmissionInTheService:
         late = await cold
         assert late.status_code == 200
         assert late.headers["x-enrichment"] == "partial"
+
+    async def test_a_request_whose_client_left_while_it_waited_is_dropped_unserved(
+        self, start_service: StartService, redis_server: RedisServer
+    ) -> None:
+        service = await start_service(max_active_requests=1, redis_timeout_seconds=5)
+        path = "/contacts?instance=acme&per_page=20"
+        assert (await service.get(path)).status_code == 200
+        await service.settle()
+        admission: Admission = service.resources["admission"]
+        redis_server.reset_stats()
+
+        redis_server.pause()  # the first request holds the only turn, in its MGET
+        try:
+            holder = asyncio.create_task(service.get(path))
+            await eventually(lambda: admission.active == 1, message="the turn is taken")
+            _, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await writer.drain()
+            await eventually(lambda: admission.queued == 1, message="the second one queued")
+            connections = service.server.open_connections
+            writer.close()  # the client gives up
+            await writer.wait_closed()
+            await eventually(
+                lambda: service.server.open_connections == connections - 1,
+                message="the server saw the client go",
+            )
+        finally:
+            redis_server.resume()
+        assert (await holder).status_code == 200
+        await eventually(lambda: admission.active == 0, message="the dropped request is done")
+        metrics = (await service.get("/metrics")).text
+
+        assert redis_server.command_counts().get("mget") == 1, "no Redis read for nobody"
+        assert 'http_requests_total{method="GET",route="/contacts",status="499"}' in metrics
+        assert (admission.active, admission.queued) == (0, 0)

@@ -52,7 +52,11 @@ async def list_contacts(
     # solving is a measurable share of a warm request.
     service: ContactsService = state["contacts"]
     page = await service.enriched_page(
-        instance, query, request.headers.get("authorization"), state["request_id"]
+        instance,
+        query,
+        request.headers.get("authorization"),
+        state["request_id"],
+        client_gone=request.is_disconnected,
     )
     state["log"].update(
         contacts=page.contacts,

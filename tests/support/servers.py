@@ -33,6 +33,11 @@ class InProcessServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections the server holds now (closed ones leave on `connection_lost`)."""
+        return len(self.server.server_state.connections)
+
     async def start(self) -> InProcessServer:
         self._task = asyncio.create_task(self.server.serve())
         while not self.server.started:
