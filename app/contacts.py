@@ -65,8 +65,10 @@ class ContactsService:
         # The work from here runs in turn with at most MAX_ACTIVE_REQUESTS others
         # (app.admission); the wait for the CRM gives the turn back.
         async with self._admission.slot() as slot:
+            # Under overload, no Redis read for nobody. (Starlette's check reads the request's
+            # one body message: fine for this bodiless GET, which never reads its body.)
             if slot.waited and client_gone is not None and await client_gone():
-                raise ClientGone()  # under overload: no Redis read, no answer for nobody
+                raise ClientGone()
             return await self._enrich(instance, page, authorization, request_id, slot)
 
     async def _enrich(

@@ -105,7 +105,7 @@ HTTP_DURATION = Histogram(
 # Admission control (app.admission), summed over live workers.
 ADMISSION_ACTIVE = Gauge(
     "admission_active",
-    "/contacts requests holding a turn (parsing, reading Redis, encoding)",
+    "/contacts requests holding a turn (reading ids and Redis, building the answer)",
     multiprocess_mode="livesum",
 )
 ADMISSION_QUEUED = Gauge(

@@ -33,10 +33,13 @@ class InProcessServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def open_connections(self) -> int:
-        """Client connections the server holds now (closed ones leave on `connection_lost`)."""
-        return len(self.server.server_state.connections)
+    def has_client(self, port: int) -> bool:
+        """Whether the server still holds the connection from this client port (a closed one
+        leaves on `connection_lost`)."""
+        return any(
+            getattr(conn, "client", None) == ("127.0.0.1", port)
+            for conn in self.server.server_state.connections
+        )
 
     async def start(self) -> InProcessServer:
         self._task = asyncio.create_task(self.server.serve())
