@@ -245,16 +245,20 @@ def _ms(seconds: float) -> float:
 # -- 1. warm cache ---------------------------------------------------------------------------
 
 
-async def warm(ctx: Context) -> Section:
-    opts, sim = ctx.options, ctx.stack.sim
-    sim.configure(
+def warm_page(ctx: Context) -> str:
+    """The warm scenarios' page (every id exists), with the simulator set up for it."""
+    ctx.stack.sim.configure(
         latency_ms={"contacts": 0, "customers": 0, "users": 0},
         users=WARM_USERS,
         customers=DEFAULT_CUSTOMERS,
     )
-    instance = "bench-warm"
-    page = clean_page(instance, opts.page_size, DEFAULT_CUSTOMERS, WARM_USERS)
-    path = contacts_path(instance, opts.page_size, page)
+    instance, size = "bench-warm", ctx.options.page_size
+    return contacts_path(instance, size, clean_page(instance, size, DEFAULT_CUSTOMERS, WARM_USERS))
+
+
+async def warm(ctx: Context) -> Section:
+    opts = ctx.options
+    path = warm_page(ctx)
     variants = [v.name for v in opts.variants]
     names = ctx.names("service", *variants, "node", "service-noredis", "passthrough")
     if opts.warm_targets is not None:
@@ -958,15 +962,8 @@ def _service_counters(target: Target) -> dict[str, float]:
 async def overload(ctx: Context) -> Section:
     """The warm page at several times the warm scenario's load, with and without the
     admission limit (MAX_ACTIVE_REQUESTS): what saturation does to Redis reads."""
-    opts, sim = ctx.options, ctx.stack.sim
-    sim.configure(
-        latency_ms={"contacts": 0, "customers": 0, "users": 0},
-        users=WARM_USERS,
-        customers=DEFAULT_CUSTOMERS,
-    )
-    instance = "bench-warm"
-    page = clean_page(instance, opts.page_size, DEFAULT_CUSTOMERS, WARM_USERS)
-    path = contacts_path(instance, opts.page_size, page)
+    opts = ctx.options
+    path = warm_page(ctx)
     names = ["service", "service-unlimited", *(v.name for v in opts.variants)]
     targets = [ctx.target(n) for n in names]
     async with session() as http:

@@ -11,7 +11,7 @@ import pytest
 from app import metrics
 from app.admission import Admission
 from simupstream.app import Failure
-from tests.conftest import Sim, StartService
+from tests.conftest import Service, Sim, StartService
 from tests.support.procs import RedisServer, eventually
 
 
@@ -209,15 +209,23 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+_PAGE = "/contacts?instance=acme&per_page=20"
+
+
+async def _cached(start_service: StartService, limit: int) -> tuple[Service, Admission]:
+    """A service whose turns are `limit`, with `_PAGE` cached; Redis may pause for 30 s."""
+    service = await start_service(max_active_requests=limit, redis_timeout_seconds=30)
+    assert (await service.get(_PAGE)).status_code == 200
+    await service.settle()
+    return service, service.resources["admission"]
+
+
 class TestAdmissionInTheService:
     async def test_requests_beyond_the_limit_wait_their_turn_and_all_succeed(
         self, start_service: StartService, redis_server: RedisServer
     ) -> None:
-        service = await start_service(max_active_requests=2, redis_timeout_seconds=30)
-        path = "/contacts?instance=acme&per_page=20"
-        assert (await service.get(path)).status_code == 200
-        await service.settle()
-        admission: Admission = service.resources["admission"]
+        service, admission = await _cached(start_service, 2)
+        path = _PAGE
         # The gauges are the process's, which every in-process service of the test run shares.
         before = (await service.get("/metrics")).text
         redis_server.reset_stats()
@@ -265,11 +273,8 @@ class TestAdmissionInTheService:
     async def test_a_request_whose_client_left_while_it_waited_is_dropped_unserved(
         self, start_service: StartService, redis_server: RedisServer
     ) -> None:
-        service = await start_service(max_active_requests=1, redis_timeout_seconds=30)
-        path = "/contacts?instance=acme&per_page=20"
-        assert (await service.get(path)).status_code == 200
-        await service.settle()
-        admission: Admission = service.resources["admission"]
+        service, admission = await _cached(start_service, 1)
+        path = _PAGE
         redis_server.reset_stats()
 
         redis_server.pause()  # the first request holds the only turn, in its MGET
