@@ -214,17 +214,22 @@ def redis_reset(stack: Stack) -> None:
     stack.admin.config_resetstat()
 
 
+def service_counters(target: Target, *names: str) -> dict[str, float]:
+    """Counters of the service's `/metrics`, each summed over its labels."""
+    totals = dict.fromkeys(names, 0.0)
+    with urllib.request.urlopen(target.url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def service_round_trips(target: Target) -> float | None:
     """The service's own `redis_round_trips_total` (all ops), None for other targets."""
     if not target.name.startswith("service"):
         return None
-    with urllib.request.urlopen(target.url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("redis_round_trips_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return service_counters(target, "redis_round_trips_total")["redis_round_trips_total"]
 
 
 async def settle(seconds: float = 0.3) -> None:
@@ -947,16 +952,8 @@ async def _burst(http: aiohttp.ClientSession, url: str, n: int) -> None:
 # -- 7. overload ----------------------------------------------------------------------------
 
 
-def _service_counters(target: Target) -> dict[str, float]:
-    """Counters summed over labels from the service's `/metrics`."""
-    wanted = ("redis_errors_total", "cache_misses_total", "crm_ids_fetched_total")
-    totals = dict.fromkeys(wanted, 0.0)
-    with urllib.request.urlopen(target.url + "/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in totals:
-                totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
+#: what the overload scenario reads from each service's /metrics around a run
+_OVERLOAD_COUNTERS = ("redis_errors_total", "cache_misses_total", "crm_ids_fetched_total")
 
 
 async def overload(ctx: Context) -> Section:
@@ -978,12 +975,12 @@ async def overload(ctx: Context) -> Section:
     deltas: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     for round_no in range(opts.rounds):
         for target in targets:
-            before = await asyncio.to_thread(_service_counters, target)
+            before = await asyncio.to_thread(service_counters, target, *_OVERLOAD_COUNTERS)
             result = await run_wrk(
                 target.url + path, duration=opts.duration, connections=conns, threads=opts.threads
             )
             await settle(0.5)  # let the background work of a saturated run finish, and count it
-            after = await asyncio.to_thread(_service_counters, target)
+            after = await asyncio.to_thread(service_counters, target, *_OVERLOAD_COUNTERS)
             runs[target.name].append(result)
             deltas[target.name].append({k: after[k] - before[k] for k in after})
             ctx.log(

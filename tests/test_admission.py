@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
-from app import metrics
 from app.admission import Admission
 from simupstream.app import Failure
 from tests.conftest import Service, Sim, StartService
@@ -21,9 +21,12 @@ async def _turns() -> None:
         await asyncio.sleep(0)
 
 
-def _gauges() -> tuple[float, float]:
+def _gauges() -> tuple[float | None, float | None]:
     """The process's `admission_active` and `admission_queued` (shared by every Admission)."""
-    return metrics.ADMISSION_ACTIVE._value.get(), metrics.ADMISSION_QUEUED._value.get()
+    return (
+        REGISTRY.get_sample_value("admission_active"),
+        REGISTRY.get_sample_value("admission_queued"),
+    )
 
 
 @pytest.fixture
@@ -225,13 +228,12 @@ class TestAdmissionInTheService:
         self, start_service: StartService, redis_server: RedisServer
     ) -> None:
         service, admission = await _cached(start_service, 2)
-        path = _PAGE
         # The gauges are the process's, which every in-process service of the test run shares.
         before = (await service.get("/metrics")).text
         redis_server.reset_stats()
 
         redis_server.pause()  # every MGET now waits: the requests pile up
-        pending = [asyncio.create_task(service.get(path)) for _ in range(5)]
+        pending = [asyncio.create_task(service.get(_PAGE)) for _ in range(5)]
         try:
             await eventually(lambda: admission.queued == 3, message="3 requests queued")
             assert admission.active == 2
@@ -254,14 +256,13 @@ class TestAdmissionInTheService:
         self, start_service: StartService, sim: Sim
     ) -> None:
         service = await start_service(max_active_requests=1, upstream_timeout_seconds=3)
-        cached = "/contacts?instance=acme&per_page=20"
-        assert (await service.get(cached)).headers["x-enrichment"] == "complete"
+        assert (await service.get(_PAGE)).headers["x-enrichment"] == "complete"
         await service.settle()
 
         sim.state.fail["customers"] = Failure(hang=True)  # the CRM stops answering
         cold = asyncio.create_task(service.get("/contacts?instance=other&per_page=20"))
         await eventually(lambda: sim.stats()["calls"]["customers"] == 2, message="CRM called")
-        warm = await service.get(cached)
+        warm = await service.get(_PAGE)
 
         assert warm.status_code == 200
         assert warm.headers["x-enrichment"] == "complete"
@@ -274,15 +275,14 @@ class TestAdmissionInTheService:
         self, start_service: StartService, redis_server: RedisServer
     ) -> None:
         service, admission = await _cached(start_service, 1)
-        path = _PAGE
         redis_server.reset_stats()
 
         redis_server.pause()  # the first request holds the only turn, in its MGET
         try:
-            holder = asyncio.create_task(service.get(path))
+            holder = asyncio.create_task(service.get(_PAGE))
             await eventually(lambda: admission.active == 1, message="the turn is taken")
             _, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writer.write(f"GET {_PAGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             await writer.drain()
             await eventually(lambda: admission.queued == 1, message="the second one queued")
             client_port = writer.get_extra_info("sockname")[1]
