@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     upstream_timeout_seconds: float = Field(10.0, gt=0)
     upstream_batch_size: int = Field(100, ge=1, le=100)
     upstream_max_connections: int = Field(200, ge=1)
+    upstream_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_active_requests: int = Field(32, ge=1)
+    admission_queue_timeout_seconds: float = Field(2.0, gt=0)
 
     use_redis: bool = True
     redis_url: str = "redis://localhost:6379/0"
@@ -38,6 +40,7 @@ class Settings(BaseSettings):
     cache_refresh_ahead_seconds: int = Field(0, ge=0)
     cache_stale_seconds: int = Field(0, ge=0)
     cache_lease_wait_seconds: float = Field(1.0, ge=0)
+    cache_max_value_bytes: int = Field(1024 * 1024, ge=1)
 
     admin_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
