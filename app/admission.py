@@ -12,6 +12,11 @@ before they read its ids, read Redis and encode the answer. A request
 waiting for the CRM gives its turn back meanwhile, so a slow upstream never
 holds back pages that are cached, and takes it again ahead of the requests
 not yet begun. Background work (leases, cache writes, refreshes) takes no turn.
+
+The queue is bounded in time, not unbounded: a new request that has not had its
+turn within `ADMISSION_QUEUE_TIMEOUT_SECONDS` is refused (503 with `Retry-After`)
+before it touches Redis or the CRM, so overload is shed instead of turning into
+latency for everyone. Resumed requests are never shed: their CRM work is done.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ import asyncio
 from collections import deque
 
 from app import metrics
+from app.errors import Overloaded
 
 
 class Admission:
     """At most `limit` holders at once; the others wait in arrival order (FIFO), resumed
     requests (`first`) ahead of new ones."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, queue_timeout: float | None = None) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
+        self.queue_timeout = queue_timeout
         self._active = 0
         self._resumed: deque[asyncio.Future[None]] = deque()
         self._new: deque[asyncio.Future[None]] = deque()
@@ -49,7 +56,8 @@ class Admission:
     async def acquire(self, *, first: bool = False) -> bool:
         """Wait for a turn; `first` goes ahead of the requests that have not begun.
 
-        True when it had to wait, False when a turn was free.
+        True when it had to wait, False when a turn was free. Raises `Overloaded` when
+        a new request (not `first`) waited `queue_timeout` seconds without a turn.
         """
         if self._active < self.limit and not self._resumed and not self._new:
             self._active += 1
@@ -60,8 +68,17 @@ class Admission:
         queue.append(waiter)
         metrics.ADMISSION_QUEUED.inc()
         metrics.ADMISSION_WAITS.inc()
+        timeout = None if first else self.queue_timeout
         try:
-            await waiter  # `release` hands its turn over: `_active` stays as it is
+            # `release` hands its turn over: `_active` stays as it is
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            if waiter.done():  # handed a turn just as the time ran out: take it
+                return True
+            queue.remove(waiter)
+            waiter.cancel()
+            metrics.ADMISSION_SHED.inc()
+            raise Overloaded() from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a turn just as it was cancelled: pass it on

@@ -120,6 +120,10 @@ class Cache:
         self.prefix = prefix
         self.breaker = breaker or CircuitBreaker(threshold=3, cooldown=5.0)
         self._scripts: _Scripts | None = None
+        # The error code (OOM, NOPERM, ...) each failing operation last answered: a command
+        # error is logged when an operation starts failing or fails differently, and when it
+        # recovers, not once per request (a full Redis refuses every write).
+        self._failing: dict[str, str] = {}
         if client is not None:
             metrics.REDIS_UP.set(1)
             if not isinstance(client, RedisCluster):
@@ -398,7 +402,7 @@ class Cache:
                 self.breaker.failure(exc)
             else:
                 self.breaker.success()
-                log.warning("redis.command_error", op=op, error=str(exc))
+                self._command_failed(op, exc)
             return default
         except Exception as exc:  # an outage: connection refused, timeout, reset, full pool
             metrics.REDIS_ERRORS.inc()
@@ -406,7 +410,17 @@ class Cache:
             await self._drop_idle_connections(client)
             return default
         self.breaker.success()
+        if self._failing and op in self._failing:
+            del self._failing[op]
+            log.warning("redis.command_recovered", op=op)
         return result
+
+    def _command_failed(self, op: str, exc: ResponseError) -> None:
+        # redis-py maps known codes (OOM, NOPERM, READONLY...) to classes and strips them
+        code = type(exc).__name__ if type(exc) is not ResponseError else str(exc).split(" ")[0]
+        if self._failing.get(op) != code:
+            self._failing[op] = code
+            log.warning("redis.command_error", op=op, error=str(exc))
 
     @staticmethod
     async def _drop_idle_connections(client: RedisClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -13,6 +15,7 @@ class AppError(Exception):
 
     status_code = 500
     detail = "internal error"
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.detail)
@@ -53,12 +56,11 @@ class UpstreamRejected(Exception):
 
 async def app_error_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
-    headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     return Response(
         dumps({"detail": exc.detail}),
         status_code=exc.status_code,
         media_type="application/json",
-        headers=headers,
+        headers=exc.headers,
     )
 
 
@@ -75,3 +77,12 @@ class NotFound(AppError):
 class Unauthorized(AppError):
     status_code = 401
     detail = "missing or invalid bearer token"
+    headers: ClassVar[dict[str, str] | None] = {"www-authenticate": "Bearer"}
+
+
+class Overloaded(AppError):
+    """The request waited `ADMISSION_QUEUE_TIMEOUT_SECONDS` for a turn (app.admission): shed."""
+
+    status_code = 503
+    detail = "overloaded: try again shortly"
+    headers: ClassVar[dict[str, str] | None] = {"retry-after": "1"}

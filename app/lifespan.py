@@ -75,7 +75,9 @@ def lifespan_for(settings: Settings) -> object:
             whatsapp_api_url=settings.whatsapp_api_url,
             crm_api_url=settings.crm_api_url,
         )
-        admission = Admission(settings.max_active_requests)
+        admission = Admission(
+            settings.max_active_requests, settings.admission_queue_timeout_seconds
+        )
         state = State(
             settings=settings,
             cache=cache,

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.admission import Admission
+from app.errors import Overloaded
 from simupstream.app import Failure
 from tests.conftest import Service, Sim, StartService
 from tests.support.procs import RedisServer, eventually
@@ -168,6 +169,35 @@ class TestAdmission:
         assert order == ["a", "b", "c", "a again", "b again", "d"]
         assert (admission.active, admission.queued) == (0, 0)
 
+    async def test_a_new_request_still_waiting_at_the_queue_timeout_is_shed_without_a_trace(
+        self,
+    ) -> None:
+        admission = Admission(1, queue_timeout=0.05)
+        shed_before = REGISTRY.get_sample_value("admission_shed_total") or 0.0
+        assert await admission.acquire() is False
+        with pytest.raises(Overloaded) as refused:
+            await admission.acquire()
+        assert refused.value.status_code == 503
+        assert refused.value.headers == {"retry-after": "1"}
+        assert (admission.active, admission.queued) == (1, 0)
+        assert REGISTRY.get_sample_value("admission_shed_total") == shed_before + 1
+        admission.release()
+        assert await admission.acquire() is False, "the shed waiter left no place in the queue"
+        admission.release()
+        assert admission.active == 0
+
+    async def test_a_resumed_request_is_never_shed(self, tasks: list[asyncio.Task[Any]]) -> None:
+        admission = Admission(1, queue_timeout=0.01)
+        await admission.acquire()
+        resumed = asyncio.create_task(admission.acquire(first=True))
+        tasks.append(resumed)
+        await asyncio.sleep(0.2)  # twenty times the queue timeout
+        assert not resumed.done()
+        admission.release()
+        assert await resumed is True
+        admission.release()
+        assert admission.active == 0
+
     def test_a_limit_below_one_is_refused(self) -> None:
         with pytest.raises(ValueError):
             Admission(0)
@@ -217,7 +247,9 @@ _PAGE = "/contacts?instance=acme&per_page=20"
 
 async def _cached(start_service: StartService, limit: int) -> tuple[Service, Admission]:
     """A service whose turns are `limit`, with `_PAGE` cached; Redis may pause for 30 s."""
-    service = await start_service(max_active_requests=limit, redis_timeout_seconds=30)
+    service = await start_service(
+        max_active_requests=limit, redis_timeout_seconds=30, admission_queue_timeout_seconds=30
+    )
     assert (await service.get(_PAGE)).status_code == 200
     await service.settle()
     return service, service.resources["admission"]
@@ -301,4 +333,34 @@ class TestAdmissionInTheService:
 
         assert redis_server.command_counts().get("mget") == 1, "no Redis read for nobody"
         assert 'http_requests_total{method="GET",route="/contacts",status="499"}' in metrics
+        assert (admission.active, admission.queued) == (0, 0)
+
+    async def test_a_request_without_a_turn_in_time_gets_503_before_touching_redis(
+        self, start_service: StartService, redis_server: RedisServer
+    ) -> None:
+        service = await start_service(
+            max_active_requests=1, redis_timeout_seconds=30, admission_queue_timeout_seconds=0.2
+        )
+        assert (await service.get(_PAGE)).status_code == 200
+        await service.settle()
+        admission: Admission = service.resources["admission"]
+        redis_server.reset_stats()
+
+        redis_server.pause()  # the first request holds the only turn, in its MGET
+        try:
+            holder = asyncio.create_task(service.get(_PAGE))
+            await eventually(lambda: admission.active == 1, message="the turn is taken")
+            shed = await service.get(_PAGE)
+        finally:
+            redis_server.resume()
+        assert (await holder).status_code == 200
+        metrics = (await service.get("/metrics")).text
+
+        assert shed.status_code == 503
+        assert shed.headers["retry-after"] == "1"
+        assert shed.headers["content-type"] == "application/json"
+        assert shed.json() == {"detail": "overloaded: try again shortly"}
+        assert redis_server.command_counts().get("mget") == 1, "the shed request read nothing"
+        assert 'http_requests_total{method="GET",route="/contacts",status="503"}' in metrics
+        assert _metric(metrics, "admission_shed_total") >= 1
         assert (admission.active, admission.queued) == (0, 0)

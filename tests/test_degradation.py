@@ -232,3 +232,36 @@ class TestCancellationSafety:
             for contact in response.json()["data"]:
                 if contact["customer"] is not None:
                     assert contact["customer"]["id"] == contact["customerId"]
+
+
+class TestRedisFull:
+    async def test_refused_writes_are_logged_once_per_state_change_and_requests_still_served(
+        self, start_service: StartService, redis_server: RedisServer, caplog
+    ) -> None:
+        caplog.set_level(logging.WARNING)
+        service = await start_service(redis_timeout_seconds=TIMEOUT)
+        admin = redis_server.admin
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # below what Redis already uses: every write is OOM
+        try:
+            for page in range(1, 11):
+                response = await service.get(f"/contacts?instance=acme&per_page=10&page={page}")
+                assert fully_enriched(response)
+                await service.settle()
+        finally:
+            admin.config_set("maxmemory", 0)
+        assert redis_server.client().dbsize() == 0, "Redis refused every write"
+        await service.get("/contacts?instance=acme&per_page=10&page=11")
+        await service.settle()
+
+        def events(name: str) -> list[logging.LogRecord]:
+            return [r for r in caplog.records if name in r.getMessage()]
+
+        # Each refused operation (the lease and the write of the misses) once, not per request.
+        errors = [r.getMessage() for r in events("redis.command_error")]
+        ops = sorted(message.split("'op': '")[1].split("'")[0] for message in errors)
+        assert ops == ["lease", "write"], errors
+        assert all("maxmemory" in message for message in errors)
+        assert len(events("redis.command_recovered")) == 2
+        assert redis_server.client().dbsize() > 0, "writes resumed"
+        assert not events("redis.circuit_open"), "a refused command is not an outage"

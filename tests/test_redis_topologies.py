@@ -370,7 +370,13 @@ class TestRedisCluster:
             # only ids of the failed master's slots reached the CRM (a hung master can be
             # slower than the whole read's deadline once in a while, so not asserted there)
             assert {before.port_for_key(key) for key in fetched_during_outage} == {victim}
-        downs = [r for r in caplog.records if "redis.cluster_node_down" in r.getMessage()]
+        # The victim's outage (on a loaded machine a healthy node can also miss its share of
+        # the deadline now and then: that is logged too, and is not what this counts).
+        downs = [
+            r
+            for r in caplog.records
+            if "redis.cluster_node_down" in r.getMessage() and f":{victim}'" in r.getMessage()
+        ]
         if not cluster.require_full_coverage:
             assert len(downs) == 1, "logged once, not per request"
 
