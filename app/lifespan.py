@@ -67,6 +67,7 @@ def lifespan_for(settings: Settings) -> object:
                 refresh_ahead=settings.cache_refresh_ahead_seconds,
                 lease_wait=settings.cache_lease_wait_seconds,
                 lease_ttl=settings.upstream_timeout_seconds,
+                max_value_bytes=settings.cache_max_value_bytes,
             ),
         )
         log.info(

@@ -62,6 +62,11 @@ CACHE_STALE = Counter(
 CACHE_REFRESHES = Counter(
     "cache_refresh_ahead_total", "Background refreshes of entries close to expiry", ["entity"]
 )
+CACHE_TOO_LARGE = Counter(
+    "cache_values_too_large_total",
+    "CRM objects served but not cached: larger than CACHE_MAX_VALUE_BYTES",
+    ["entity"],
+)
 CACHE_INVALIDATIONS = Counter(
     "cache_invalidations_total",
     "Admin API invalidations (customer, user, or instance) that reached Redis",

@@ -35,6 +35,9 @@ from app.upstream import CrmError, Upstream
 log = structlog.get_logger("app.resolver")
 
 NEGATIVE: Final = b"null"
+#: Instances whose hit/miss counts (GET /cache/{instance}/stats) a process keeps: the least
+#: recently served are forgotten first, so a flood of instance names cannot grow memory.
+MAX_COUNTED_INSTANCES: Final = 10_000
 _POLL_FIRST: Final = 0.005
 _POLL_MAX: Final = 0.05
 
@@ -60,6 +63,7 @@ class CachePolicy:
     refresh_ahead: int = 0
     lease_wait: float = 0.0
     lease_ttl: float = 10.0
+    max_value_bytes: int = 1024 * 1024
 
     @property
     def reads_ttls(self) -> bool:
@@ -91,6 +95,7 @@ class EntityResolver:
         *,
         batch_size: int,
         policy: CachePolicy,
+        max_counted_instances: int = MAX_COUNTED_INSTANCES,
     ) -> None:
         self._cache = cache
         self._upstream = upstream
@@ -98,7 +103,8 @@ class EntityResolver:
         self._policy = policy
         self._inflight: dict[_Key, asyncio.Future[_Result]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._counts: dict[str, list[int]] = {}
+        self._counts: dict[str, list[int]] = {}  # in least recently served order
+        self._max_counted = max_counted_instances
 
     async def resolve(
         self,
@@ -146,9 +152,7 @@ class EntityResolver:
                 metrics.child(metrics.CACHE_MISSES, entity).inc(len(misses[entity]))
             resolution.hits += hits
             resolution.misses += len(misses[entity])
-        counts = self._counts.setdefault(instance, [0, 0])
-        counts[0] += resolution.hits
-        counts[1] += resolution.misses
+        self._count(instance, resolution.hits, resolution.misses)
         if any(refresh.values()):
             resolution.refreshes = self._refresh(instance, refresh, authorization, request_id)
         if resolution.misses:
@@ -165,6 +169,14 @@ class EntityResolver:
         """`forget` every in-flight lookup of one instance."""
         for key in [key for key in self._inflight if key[1] == instance]:
             del self._inflight[key]
+
+    def _count(self, instance: str, hits: int, misses: int) -> None:
+        counts = self._counts.pop(instance, None) or [0, 0]
+        counts[0] += hits
+        counts[1] += misses
+        self._counts[instance] = counts  # now the most recently served
+        if len(self._counts) > self._max_counted:
+            del self._counts[next(iter(self._counts))]
 
     def counts(self, instance: str) -> tuple[int, int]:
         """Hits and misses of `instance` in this process since it started."""
@@ -321,13 +333,13 @@ class EntityResolver:
                 found = await self._upstream.entities(
                     entity, instance, ids, authorization, request_id
                 )
-            except CrmError as exc:
+            except Exception as exc:  # CrmError, or a bug: the batch failed either way
                 log.warning(
                     "crm.batch_failed",
                     entity=entity,
                     instance=instance,
                     ids=len(ids),
-                    error=str(exc),
+                    error=str(exc) if isinstance(exc, CrmError) else repr(exc)[:200],
                     request_id=request_id,
                 )
                 for entity_id in ids:
@@ -338,32 +350,39 @@ class EntityResolver:
                 raw = found.get(entity_id)
                 key = (entity, instance, entity_id)
                 futures[key].set_result(raw)
-                if raw is not None:
+                if raw is None:
+                    if policy.negative_ttl > 0:
+                        to_store.append((key, NEGATIVE, policy.negative_ttl + policy.stale))
+                elif len(raw) <= policy.max_value_bytes:
                     to_store.append((key, raw, policy.ttl + policy.stale))
-                elif policy.negative_ttl > 0:
-                    to_store.append((key, NEGATIVE, policy.negative_ttl + policy.stale))
+                else:  # served, never stored: one huge value would hold Redis for everyone
+                    metrics.child(metrics.CACHE_TOO_LARGE, entity).inc()
 
         async def fetch_and_store(pairs: list[tuple[Entity, str]], release: list[str]) -> None:
             to_store: list[_Stored] = []
             by_entity = {e: [i for pe, i in pairs if pe == e] for e in ENTITIES}
-            await asyncio.gather(
-                *(
-                    fetch(entity, ids[start : start + self._batch_size], to_store)
-                    for entity, ids in by_entity.items()
-                    for start in range(0, len(ids), self._batch_size)
+            try:
+                await asyncio.gather(
+                    *(
+                        fetch(entity, ids[start : start + self._batch_size], to_store)
+                        for entity, ids in by_entity.items()
+                        for start in range(0, len(ids), self._batch_size)
+                    )
                 )
-            )
-            # An id invalidated while its lookup was in flight was dropped from
-            # `_inflight`: what was fetched may predate the change, so it is not stored.
-            await self._cache.write_raw(
-                [
-                    (self._cache.entity_key(*key), raw, ttl)
-                    for key, raw, ttl in to_store
-                    if self._inflight.get(key) is futures[key]
-                ],
-                release=release,
-                token=token,
-            )
+            finally:
+                # Whatever happened, what came back is stored and the leases released:
+                # a lease left behind would make every replica wait CACHE_LEASE_WAIT_SECONDS.
+                # An id invalidated while its lookup was in flight was dropped from
+                # `_inflight`: what was fetched may predate the change, so it is not stored.
+                await self._cache.write_raw(
+                    [
+                        (self._cache.entity_key(*key), raw, ttl)
+                        for key, raw, ttl in to_store
+                        if self._inflight.get(key) is futures[key]
+                    ],
+                    release=release,
+                    token=token,
+                )
 
         async def await_other_replicas() -> None:
             left = await self._await_leased(instance, contested, futures)

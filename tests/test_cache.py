@@ -235,3 +235,76 @@ class TestWithoutRedis:
         await service.get("/contacts?instance=acme&per_page=300&dup=1")
 
         assert sim.stats()["ids_requested"]["customers"] == 5
+
+
+class TestLimits:
+    async def test_objects_above_cache_max_value_bytes_are_served_but_never_stored(
+        self, start_service: StartService, sim: Sim, redis_server: RedisServer
+    ) -> None:
+        first = (await start_service()).http
+        body = (await first.get("/contacts?instance=acme&per_page=30")).json()
+        sizes = sorted(len(orjson.dumps(c["customer"])) for c in body["data"] if c["customer"])
+        limit = sizes[len(sizes) // 2]  # about half the customers are larger
+        redis_server.admin.flushall()
+        service = await start_service(cache_max_value_bytes=limit)
+        sim.state.reset()
+
+        response = await service.get("/contacts?instance=other&per_page=30")
+        await service.settle()
+        stored = cached(redis_server, "customer:other:*")
+
+        assert response.headers["x-enrichment"] == "complete"
+        served = {str(c["customerId"]): c["customer"] for c in response.json()["data"]}
+        large = {i for i, c in served.items() if c is not None and len(orjson.dumps(c)) > limit}
+        small = {i for i, c in served.items() if c is not None and i not in large}
+        assert large and small
+        assert not large & {key.rsplit(":", 1)[1] for key in stored}, "no large value stored"
+        assert small <= {key.rsplit(":", 1)[1] for key in stored}, "the others are"
+        assert all(len(value) <= limit for value in stored.values())
+        requested = sim.stats()["ids_requested"]["customers"]
+        again = await service.get("/contacts?instance=other&per_page=30")
+        refetched = sim.stats()["ids_requested"]["customers"] - requested
+        assert refetched == len(large), "only the uncached large objects go to the CRM again"
+        assert again.json() == response.json()
+
+
+class TestPerInstanceCounts:
+    async def test_the_least_recently_served_instances_are_forgotten_past_the_bound(
+        self, service: Service
+    ) -> None:
+        from app.resolver import EntityResolver
+
+        resolver: EntityResolver = service.resources["resolver"]
+        resolver._max_counted = 2
+        for instance in ("one", "two", "one", "three"):
+            await service.get(f"/contacts?instance={instance}&per_page=5")
+
+        assert resolver.counts("one") != (0, 0), "served recently: kept"
+        assert resolver.counts("three") != (0, 0)
+        assert resolver.counts("two") == (0, 0), "the least recently served: forgotten"
+        assert len(resolver._counts) == 2
+
+
+class TestFailedBatches:
+    async def test_a_batch_that_crashes_releases_its_leases_and_caches_nothing(
+        self, start_service: StartService, redis_server: RedisServer
+    ) -> None:
+        service = await start_service(cache_lease_wait_seconds=30)
+        upstream = service.resources["resolver"]._upstream
+
+        async def crash(*_: object, **__: object) -> dict[str, bytes]:
+            raise RecursionError("maximum recursion depth exceeded while decoding")
+
+        upstream.entities = crash  # shadows the method on this instance only
+        response = await service.get("/contacts?instance=acme&per_page=20")
+        await service.settle()
+
+        assert response.status_code == 200
+        assert response.headers["x-enrichment"] == "partial"
+        assert cached(redis_server, "lease:*") == {}, "every lease released"
+        assert cached(redis_server, "customer:*") == {}, "nothing of a failed batch cached"
+
+        del upstream.entities
+        again = await service.get("/contacts?instance=acme&per_page=20")
+        assert again.headers["x-enrichment"] == "complete"
+        assert "crm;dur" in again.headers["server-timing"], "fetched again, at once"
