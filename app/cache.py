@@ -152,9 +152,11 @@ class Cache:
         """The short-lived lock a replica takes while it fetches this id from the CRM."""
         return f"{self.prefix}lease:{entity}:{instance}:{entity_id}"
 
-    def entity_match(self, entity: Entity, instance: str) -> str:
-        """The SCAN glob of every cached `entity` of `instance`, and of nothing else."""
-        return f"{glob_escape(self.prefix)}{entity}:{glob_escape(instance)}:*"
+    def entity_match(self, entity: Entity, instance: str, entity_id: str | None = None) -> str:
+        """The SCAN glob of every cached `entity` of `instance` (in every credential's
+        space), and of nothing else; with `entity_id`, of that id in the credentials' spaces."""
+        match = f"{glob_escape(self.prefix)}{entity}:{glob_escape(instance)}:*"
+        return match if entity_id is None else f"{match}:{glob_escape(entity_id)}"
 
     # -- the enrichment's batch operations (raw compact JSON bytes) -------------------------
 

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     cache_stale_seconds: int = Field(0, ge=0)
     cache_lease_wait_seconds: float = Field(1.0, ge=0)
     cache_max_value_bytes: int = Field(1024 * 1024, ge=1)
+    cache_scope_secret: SecretStr | None = None
 
     admin_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -65,7 +66,9 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("crm_api_token", "admin_token", "redis_sentinels", mode="before")
+    @field_validator(
+        "crm_api_token", "admin_token", "cache_scope_secret", "redis_sentinels", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
@@ -34,6 +35,16 @@ class State(TypedDict):
 def build_http_client(settings: Settings) -> AiohttpClient:
     """One pooled client for both upstreams, on aiohttp (see app.upstream and bench/README.md)."""
     return AiohttpClient(max_connections=settings.upstream_max_connections)
+
+
+def scope_key(settings: Settings) -> bytes:
+    """The key of the hash that scopes cached entries to the caller's credential when the
+    CRM is read with it (no `CRM_API_TOKEN`): `CACHE_SCOPE_SECRET`, or else one derived from
+    the Redis URL and key prefix, which every replica sharing the cache has too."""
+    if settings.cache_scope_secret is not None:
+        return settings.cache_scope_secret.get_secret_value().encode()
+    shared = f"enriched-contacts scope\n{settings.redis_url}\n{settings.cache_key_prefix}"
+    return hashlib.sha256(shared.encode()).digest()
 
 
 def lifespan_for(settings: Settings) -> object:
@@ -69,6 +80,7 @@ def lifespan_for(settings: Settings) -> object:
                 lease_ttl=settings.upstream_timeout_seconds,
                 max_value_bytes=settings.cache_max_value_bytes,
             ),
+            scope_key=None if settings.crm_api_token else scope_key(settings),
         )
         log.info(
             "service.start",

@@ -32,7 +32,8 @@ async def _validation_error_handler(_: Any, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; `settings` defaults to the environment (tests pass their own)."""
     settings = settings or get_settings()
-    secrets = [s.get_secret_value() for s in (settings.crm_api_token, settings.admin_token) if s]
+    tokens = (settings.crm_api_token, settings.admin_token, settings.cache_scope_secret)
+    secrets = [s.get_secret_value() for s in tokens if s]
     redis_password = urlsplit(settings.redis_url).password
     configure_logging(
         settings.log_level,

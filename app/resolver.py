@@ -17,6 +17,8 @@ Redis for a moment instead of fetched again, like memcache leases.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import time
 import uuid
@@ -40,6 +42,11 @@ NEGATIVE: Final = b"null"
 MAX_COUNTED_INSTANCES: Final = 10_000
 _POLL_FIRST: Final = 0.005
 _POLL_MAX: Final = 0.05
+
+
+def instance_of(space: str) -> str:
+    """The instance of a cache space (an instance name never contains ":")."""
+    return space.partition(":")[0]
 
 
 class _Failed:
@@ -96,8 +103,12 @@ class EntityResolver:
         batch_size: int,
         policy: CachePolicy,
         max_counted_instances: int = MAX_COUNTED_INSTANCES,
+        scope_key: bytes | None = None,
     ) -> None:
+        """`scope_key`: None when the CRM is read with the service's own token, else the key
+        of the hash that scopes entries to the caller's credential (see `space`)."""
         self._cache = cache
+        self._scope_key = scope_key
         self._upstream = upstream
         self._batch_size = batch_size
         self._policy = policy
@@ -120,7 +131,8 @@ class EntityResolver:
         `slot`, the request's turn (app.admission), is given back while it waits for the CRM.
         """
         policy = self._policy
-        keys = [self._cache.entity_key(e, instance, i) for e in ENTITIES for i in wanted[e]]
+        space = self.space(instance, authorization)
+        keys = [self._cache.entity_key(e, space, i) for e in ENTITIES for i in wanted[e]]
         entries = await self._read(keys)
         resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
@@ -140,7 +152,7 @@ class EntityResolver:
                 elif stale_ms and 0 <= pttl <= stale_ms:
                     # past its TTL, kept only to stand in if the CRM fails now
                     misses[entity].append(entity_id)
-                    stale[(entity, instance, entity_id)] = raw
+                    stale[(entity, space, entity_id)] = raw
                 else:
                     values[entity_id] = None if raw == NEGATIVE else raw
                     hits += 1
@@ -154,20 +166,44 @@ class EntityResolver:
             resolution.misses += len(misses[entity])
         self._count(instance, resolution.hits, resolution.misses)
         if any(refresh.values()):
-            resolution.refreshes = self._refresh(instance, refresh, authorization, request_id)
+            resolution.refreshes = self._refresh(space, refresh, authorization, request_id)
         if resolution.misses:
             await self._fetch_misses(
-                instance, misses, stale, authorization, request_id, resolution, slot
+                space, misses, stale, authorization, request_id, resolution, slot
             )
         return resolution
 
-    def forget(self, entity: Entity, instance: str, entity_id: str) -> None:
-        """Drop an in-flight lookup so its result, fetched before an invalidation, is not cached."""
-        self._inflight.pop((entity, instance, entity_id), None)
+    def space(self, instance: str, authorization: str | None) -> str:
+        """Where the instance's entries live for this caller: the instance itself when the
+        CRM is read with the service's own token (one object serves every caller), else
+        the instance and a keyed hash of the caller's credential, so that no caller is ever
+        served what the CRM answered another (SPEC.md, "Credentials and the shared cache").
+        The hash reveals nothing of the credential and is the same on every replica."""
+        if self._scope_key is None:
+            return instance
+        credential = (authorization or "").encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._scope_key, credential, hashlib.sha256).hexdigest()
+        return f"{instance}:{digest[:32]}"
+
+    async def invalidate(self, entity: Entity, instance: str, entity_id: str) -> int | None:
+        """Drop one id of an instance from the cache, in every credential's space, and any
+        lookup of it in flight (fetched before the change, it must not be stored); how many
+        entries were deleted, or None when Redis is unavailable."""
+        for key in [k for k in self._inflight if k[0] == entity and k[2] == entity_id]:
+            if instance_of(key[1]) == instance:
+                del self._inflight[key]
+        shared_key = self._cache.entity_key(entity, instance, entity_id)
+        deleted = await self._cache.unlink_keys([shared_key])
+        if deleted is None or self._scope_key is None:
+            return deleted
+        scoped = await self._cache.clear_matching(
+            self._cache.entity_match(entity, instance, entity_id)
+        )
+        return None if scoped is None else deleted + scoped
 
     def forget_instance(self, instance: str) -> None:
-        """`forget` every in-flight lookup of one instance."""
-        for key in [key for key in self._inflight if key[1] == instance]:
+        """Drop every in-flight lookup of one instance, in every credential's space."""
+        for key in [key for key in self._inflight if instance_of(key[1]) == instance]:
             del self._inflight[key]
 
     def _count(self, instance: str, hits: int, misses: int) -> None:
@@ -200,7 +236,7 @@ class EntityResolver:
     # -- fetching --------------------------------------------------------------------------
 
     def _claim(
-        self, instance: str, ids: dict[Entity, list[str]]
+        self, space: str, ids: dict[Entity, list[str]]
     ) -> tuple[dict[Entity, list[str]], dict[_Key, asyncio.Future[_Result]]]:
         """Register a future for each id nobody in this process is fetching yet."""
         loop = asyncio.get_running_loop()
@@ -208,7 +244,7 @@ class EntityResolver:
         mine: dict[_Key, asyncio.Future[_Result]] = {}
         for entity in ENTITIES:
             for entity_id in ids[entity]:
-                key = (entity, instance, entity_id)
+                key = (entity, space, entity_id)
                 if key not in self._inflight:
                     self._inflight[key] = mine[key] = loop.create_future()
                     owned[entity].append(entity_id)
@@ -216,7 +252,7 @@ class EntityResolver:
 
     def _start(
         self,
-        instance: str,
+        space: str,
         owned: dict[Entity, list[str]],
         futures: dict[_Key, asyncio.Future[_Result]],
         authorization: str | None,
@@ -225,32 +261,30 @@ class EntityResolver:
         leases: bool = True,
     ) -> None:
         task = asyncio.create_task(
-            self._fetch_and_store(
-                instance, owned, futures, authorization, request_id, leases=leases
-            )
+            self._fetch_and_store(space, owned, futures, authorization, request_id, leases=leases)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _refresh(
         self,
-        instance: str,
+        space: str,
         ids: dict[Entity, list[str]],
         authorization: str | None,
         request_id: str,
     ) -> int:
         """Fetch entries close to expiry in the background, once per id in this process."""
-        owned, mine = self._claim(instance, ids)
+        owned, mine = self._claim(space, ids)
         if mine:
             for entity in ENTITIES:
                 if owned[entity]:
                     metrics.CACHE_REFRESHES.labels(entity=entity).inc(len(owned[entity]))
-            self._start(instance, owned, mine, authorization, request_id)
+            self._start(space, owned, mine, authorization, request_id)
         return len(mine)
 
     async def _fetch_misses(
         self,
-        instance: str,
+        space: str,
         misses: dict[Entity, list[str]],
         stale: dict[_Key, bytes],
         authorization: str | None,
@@ -258,15 +292,13 @@ class EntityResolver:
         resolution: Resolution,
         slot: Slot | None,
     ) -> None:
-        owned, mine = self._claim(instance, misses)
+        owned, mine = self._claim(space, misses)
         if mine:
             resolution.crm_calls = sum(-(-len(ids) // self._batch_size) for ids in owned.values())
             # After a failed read, a lease round trip would only add a second timeout.
-            self._start(
-                instance, owned, mine, authorization, request_id, leases=resolution.redis_ok
-            )
+            self._start(space, owned, mine, authorization, request_id, leases=resolution.redis_ok)
         waits = [
-            (entity, entity_id, self._inflight.get((entity, instance, entity_id)))
+            (entity, entity_id, self._inflight.get((entity, space, entity_id)))
             for entity in ENTITIES
             for entity_id in misses[entity]
         ]
@@ -288,7 +320,7 @@ class EntityResolver:
             # None: an admin invalidation dropped the lookup in between; treat as failed
             result = future.result() if future is not None else FAILED
             if isinstance(result, _Failed):
-                fallback = stale.get((entity, instance, entity_id))
+                fallback = stale.get((entity, space, entity_id))
                 if fallback is not None:
                     resolution.values[entity][entity_id] = (
                         None if fallback == NEGATIVE else fallback
@@ -303,7 +335,7 @@ class EntityResolver:
 
     async def _fetch_and_store(
         self,
-        instance: str,
+        space: str,
         owned: dict[Entity, list[str]],
         futures: dict[_Key, asyncio.Future[_Result]],
         authorization: str | None,
@@ -317,7 +349,7 @@ class EntityResolver:
         held: list[str] = []
         token = uuid.uuid4().hex
         if leases and policy.lease_wait > 0 and self._cache.enabled:
-            lease_keys = [self._cache.lease_key(e, instance, i) for e, i in mine]
+            lease_keys = [self._cache.lease_key(e, space, i) for e, i in mine]
             taken = await self._cache.take_leases(lease_keys, token, int(policy.lease_ttl * 1000))
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
@@ -331,24 +363,24 @@ class EntityResolver:
         async def fetch(entity: Entity, ids: list[str], to_store: list[_Stored]) -> None:
             try:
                 found = await self._upstream.entities(
-                    entity, instance, ids, authorization, request_id
+                    entity, instance_of(space), ids, authorization, request_id
                 )
             except Exception as exc:  # CrmError, or a bug: the batch failed either way
                 log.warning(
                     "crm.batch_failed",
                     entity=entity,
-                    instance=instance,
+                    instance=instance_of(space),
                     ids=len(ids),
                     error=str(exc) if isinstance(exc, CrmError) else repr(exc)[:200],
                     request_id=request_id,
                 )
                 for entity_id in ids:
-                    futures[(entity, instance, entity_id)].set_result(FAILED)
+                    futures[(entity, space, entity_id)].set_result(FAILED)
                 return
             metrics.child(metrics.CRM_IDS_FETCHED, entity).inc(len(ids))
             for entity_id in ids:
                 raw = found.get(entity_id)
-                key = (entity, instance, entity_id)
+                key = (entity, space, entity_id)
                 futures[key].set_result(raw)
                 if raw is None:
                     if policy.negative_ttl > 0:
@@ -385,7 +417,7 @@ class EntityResolver:
                 )
 
         async def await_other_replicas() -> None:
-            left = await self._await_leased(instance, contested, futures)
+            left = await self._await_leased(space, contested, futures)
             if left:
                 await fetch_and_store(left, [])
 
@@ -403,7 +435,7 @@ class EntityResolver:
 
     async def _await_leased(
         self,
-        instance: str,
+        space: str,
         pairs: list[tuple[Entity, str]],
         futures: dict[_Key, asyncio.Future[_Result]],
     ) -> list[tuple[Entity, str]]:
@@ -419,8 +451,8 @@ class EntityResolver:
         while pending and loop.time() < deadline:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 2, _POLL_MAX)
-            keys = [self._cache.entity_key(e, instance, i) for e, i in pending]
-            keys += [self._cache.lease_key(e, instance, i) for e, i in pending]
+            keys = [self._cache.entity_key(e, space, i) for e, i in pending]
+            keys += [self._cache.lease_key(e, space, i) for e, i in pending]
             entries = await self._cache.read_with_ttl(keys)
             if entries is None:
                 break
@@ -429,14 +461,12 @@ class EntityResolver:
                 raw, pttl = entries[n]
                 lease, _ = entries[n + len(pending)]
                 if raw is not None and (not stale_ms or pttl < 0 or pttl > stale_ms):
-                    futures[(entity, instance, entity_id)].set_result(
-                        None if raw == NEGATIVE else raw
-                    )
+                    futures[(entity, space, entity_id)].set_result(None if raw == NEGATIVE else raw)
                 elif lease is None:
                     given_up.append((entity, entity_id))  # the holder failed or gave up
                 else:
                     still.append((entity, entity_id))
             pending = still
         if pending:
-            log.info("lease.wait_expired", instance=instance, ids=len(pending))
+            log.info("lease.wait_expired", instance=instance_of(space), ids=len(pending))
         return given_up + pending

@@ -76,6 +76,9 @@ def settings_for(sim: Sim, redis: RedisServer | None, **overrides: Any) -> Setti
         "use_redis": redis is not None,
         "log_level": "warning",
         "redis_breaker_cooldown_seconds": 0.5,
+        # The recommended mode, in which cached objects are shared under the documented keys
+        # (tests/test_credentials.py covers the caller-credential mode).
+        "crm_api_token": "service-token",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

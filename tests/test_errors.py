@@ -90,7 +90,10 @@ class TestWhatsappFailures:
         assert response.status_code == status
         assert response.json() == {"error": "nope", "code": 7}
 
-    async def test_bad_credentials_are_the_upstreams_401(self, service: Service, sim: Sim) -> None:
+    async def test_bad_credentials_are_the_upstreams_401(
+        self, start_service: StartService, sim: Sim
+    ) -> None:
+        service = await start_service(crm_api_token=None)  # the caller's credential reads the CRM
         sim.state.token = "s3cret"
         denied = await service.get("/contacts?instance=acme")
         allowed = await service.get(
@@ -238,8 +241,9 @@ class TestCrmFailures:
 
 class TestForwardedHeaders:
     async def test_only_authorization_and_request_id_reach_the_upstream(
-        self, service: Service, sim: Sim
+        self, start_service: StartService, sim: Sim
     ) -> None:
+        service = await start_service(crm_api_token=None)  # the caller's credential reads the CRM
         response = await service.get(
             "/contacts?instance=acme&per_page=5",
             headers={

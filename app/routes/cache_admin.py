@@ -61,8 +61,7 @@ async def invalidate_one(
     if entity_id in (".", ".."):
         raise InvalidId()
     entity = _ENTITY[kind]
-    resolver.forget(entity, instance, entity_id)
-    deleted = await cache.unlink_keys([cache.entity_key(entity, instance, entity_id)])
+    deleted = await resolver.invalidate(entity, instance, entity_id)
     if deleted is None:
         raise CacheUnavailable()
     metrics.CACHE_INVALIDATIONS.labels(scope=entity).inc()
