@@ -11,18 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import structlog
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoPermissionError, NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from app import jsonutil, metrics
 from app.breaker import CircuitBreaker
 from app.entities import Entity
-from app.redis_client import RedisClient
+from app.redis_client import (
+    NODE_TIMEOUT_SHARE,
+    NodeUnavailableError,
+    RedisClient,
+    WarmConnectionPool,
+)
 
 R = TypeVar("R")
 D = TypeVar("D")
@@ -100,6 +107,21 @@ def glob_escape(text: str) -> str:
     return text.translate(_GLOB_SPECIAL)
 
 
+class RedisBudget:
+    """The time one request may still spend waiting on Redis, across all its round trips:
+    SPEC.md bounds what Redis adds to a request to `REDIS_TIMEOUT_SECONDS` in total."""
+
+    __slots__ = ("left", "spent")
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+        self.spent = 0.0
+
+    def charge(self, seconds: float) -> None:
+        self.left -= seconds
+        self.spent += seconds
+
+
 class Cache:
     """Typed async access to Redis with JSON values, shared by the whole process.
 
@@ -120,6 +142,12 @@ class Cache:
         self.prefix = prefix
         self.breaker = breaker or CircuitBreaker(threshold=3, cooldown=5.0)
         self._scripts: _Scripts | None = None
+        # A request's call is not started with less of its budget left than this: it could
+        # hardly finish, and cutting it short costs a connection (on a cluster, it must
+        # outlast the per-node deadline, which lets a slow node fail alone).
+        self._min_call = timeout * (
+            NODE_TIMEOUT_SHARE if isinstance(client, RedisCluster) else _MIN_CALL_SHARE
+        )
         # The error code (OOM, NOPERM, ...) each failing operation last answered: a command
         # error is logged when an operation starts failing or fails differently, and when it
         # recovers, not once per request (a full Redis refuses every write).
@@ -132,6 +160,10 @@ class Cache:
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    def budget(self) -> RedisBudget:
+        """A new request's Redis budget: `REDIS_TIMEOUT_SECONDS` for all its calls together."""
+        return RedisBudget(self._timeout)
 
     @property
     def releases_by_token(self) -> bool:
@@ -160,14 +192,20 @@ class Cache:
 
     # -- the enrichment's batch operations (raw compact JSON bytes) -------------------------
 
-    async def read_raw(self, keys: Sequence[str]) -> list[bytes | None] | None:
+    async def read_raw(
+        self, keys: Sequence[str], budget: RedisBudget | None = None
+    ) -> list[bytes | None] | None:
         """Every value in one round trip (one per node on a cluster); None when unavailable."""
         if not keys:
             return []
-        values: list[bytes | None] | None = await self._run("mget", lambda c: _mget(c, keys), None)
+        values: list[bytes | None] | None = await self._run(
+            "mget", lambda c: _mget(c, keys), None, budget=budget, keys=len(keys)
+        )
         return values
 
-    async def read_with_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]] | None:
+    async def read_with_ttl(
+        self, keys: Sequence[str], budget: RedisBudget | None = None
+    ) -> list[tuple[bytes | None, int]] | None:
         """Each value with its remaining TTL in ms (-1: none, -2: absent), in one round trip.
 
         One script call; on a cluster, where the keys of a script must share a
@@ -197,11 +235,13 @@ class Cache:
             ]
 
         entries: list[tuple[bytes | None, int]] | None = await self._run(
-            "get_pttl", self._scripted(scripted, pipelined), None
+            "get_pttl", self._scripted(scripted, pipelined), None, budget=budget, keys=len(keys)
         )
         return entries
 
-    async def take_leases(self, keys: Sequence[str], token: str, ttl_ms: int) -> list[bool] | None:
+    async def take_leases(
+        self, keys: Sequence[str], token: str, ttl_ms: int, budget: RedisBudget | None = None
+    ) -> list[bool] | None:
         """`SET key token NX PX ttl` for each key in one round trip: which ones this caller got."""
         if not keys:
             return []
@@ -220,7 +260,7 @@ class Cache:
             return [isinstance(reply, Exception) or bool(reply) for reply in await pipe.execute()]
 
         taken: list[bool] | None = await self._run(
-            "lease", self._scripted(scripted, pipelined), None
+            "lease", self._scripted(scripted, pipelined), None, budget=budget, keys=len(keys)
         )
         return taken
 
@@ -269,7 +309,12 @@ class Cache:
             await pipe.execute()
             return True
 
-        written: bool = await self._run("write", self._scripted(scripted, pipelined), False)
+        written: bool = await self._run(
+            "write",
+            self._scripted(scripted, pipelined),
+            False,
+            keys=len(items) + len(release),
+        )
         return written
 
     # -- the toolkit the original service exposed ------------------------------------------
@@ -386,12 +431,24 @@ class Cache:
         default: D,
         *,
         deadline: float | Literal["default"] | None = "default",
+        budget: RedisBudget | None = None,
+        keys: int = 1,
     ) -> R | D:
+        """`call` under the breaker and a deadline: the call's own, or what is left of the
+        request's `budget` (too little left: no round trip, a miss). Only a timeout with the full
+        `REDIS_TIMEOUT_SECONDS` on a call of at most `_SCRIPT_KEYS` keys counts against the
+        breaker: the rest of a spent budget, or a very large page, proves no outage."""
         client = self._client
-        if client is None or not self.breaker.allow():
+        if client is None or (budget is not None and budget.left < self._min_call):
+            return default
+        if not self.breaker.allow():
             return default
         metrics.child(metrics.REDIS_ROUND_TRIPS, op).inc()
         limit = self._timeout if deadline == "default" else deadline
+        if budget is not None and limit is not None:
+            limit = min(limit, budget.left)
+        decisive = (limit is None or limit >= self._timeout) and keys <= _SCRIPT_KEYS
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
                 result = await call(client)
@@ -408,9 +465,19 @@ class Cache:
             return default
         except Exception as exc:  # an outage: connection refused, timeout, reset, full pool
             metrics.REDIS_ERRORS.inc()
-            self.breaker.failure(exc)
-            await self._drop_idle_connections(client)
+            if isinstance(exc, NodeUnavailableError) or (
+                not decisive and isinstance(exc, TimeoutError | RedisTimeoutError)
+            ):
+                # A cluster node already known down (skipped at no cost), the rest of a spent
+                # budget, or a very large page: none of them says Redis as a whole is out.
+                self.breaker.abandon()
+            else:
+                self.breaker.failure(exc)
+                await self._drop_idle_connections(client)
             return default
+        finally:
+            if budget is not None:
+                budget.charge(time.perf_counter() - started)
         self.breaker.success()
         if self._failing and op in self._failing:
             del self._failing[op]
@@ -433,7 +500,12 @@ class Cache:
         if pool is not None:
             with contextlib.suppress(Exception):
                 await pool.disconnect(inuse_connections=False)
+            if isinstance(pool, WarmConnectionPool):
+                pool.warm_up()  # in the background: the next request finds them open
 
+
+#: The least share of `REDIS_TIMEOUT_SECONDS` a request's call is started with.
+_MIN_CALL_SHARE = 0.2
 
 #: At most this many keys per script call: Redis runs a script alone, so a very large
 #: page is split into calls of about a millisecond each, sent at once (one round trip).

@@ -41,6 +41,7 @@ class EnrichedPage:
     crm_calls: int
     refreshes: int
     crm_wait: float
+    redis_wait: float
 
 
 class ContactsService:
@@ -128,6 +129,7 @@ class ContactsService:
             crm_calls=resolution.crm_calls,
             refreshes=resolution.refreshes,
             crm_wait=resolution.crm_wait,
+            redis_wait=resolution.redis_wait,
         )
 
 

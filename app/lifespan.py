@@ -15,7 +15,7 @@ from app.breaker import CircuitBreaker
 from app.cache import Cache
 from app.config import Settings
 from app.contacts import ContactsService
-from app.redis_client import build_redis
+from app.redis_client import build_redis, warm_up
 from app.resolver import CachePolicy, EntityResolver
 from app.upstream import AiohttpClient, Upstream
 
@@ -52,6 +52,8 @@ def lifespan_for(settings: Settings) -> object:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         http = build_http_client(settings)
         client = build_redis(settings) if settings.use_redis else None
+        if client is not None:
+            warm_up(client)
         cache = Cache(
             client,
             timeout=settings.redis_timeout_seconds,

@@ -14,11 +14,18 @@ cache's deadline for the whole batch.
 
 Sentinel mode needs nothing of the kind: the whole dataset is on one primary,
 and redis-py's sentinel connections follow it (see `build_sentinel_master`).
+
+In standalone and sentinel modes a request never pays for connecting: opening a
+connection (TCP, TLS, HELLO, AUTH, CLIENT SETINFO) costs several round trips,
+which with a Redis 70 ms away would exceed a request's whole Redis budget every
+time. `WarmConnectionPool` opens connections in the background instead (a few at
+start-up, more as load asks for them) and hands requests only open ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -123,11 +130,132 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+#: Connections a pool opens at start-up, before any request asks.
+WARM_CONNECTIONS = 4
+
+
+def connect_timeout(settings: Settings) -> float:
+    """How long a background connect may take: a handshake is several round trips, paid
+    by no request, so a distant Redis is still reached."""
+    return max(2.0, 8 * settings.redis_timeout_seconds)
+
+
+class WarmConnectionPool(BlockingConnectionPool):
+    """A bounded pool that never connects on a caller's time.
+
+    A caller gets an open connection that is idle, or waits (within its own
+    deadline) for one to be released or for one opened in the background on its
+    behalf; when that connect fails, every waiter fails at once with its error,
+    so a Redis that refuses connections costs no waiting. Idle connections found
+    closed are dropped, not reopened inline.
+    """
+
+    def __init__(
+        self, *, connect_timeout: float, warm: int = WARM_CONNECTIONS, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._connect_timeout = connect_timeout
+        self._warm = warm
+        self._dialing = 0
+        self._dials: set[asyncio.Task[None]] = set()
+        self._dial_failures = 0
+        self._dial_error: BaseException | None = None
+
+    async def get_connection(
+        self, command_name: Any = None, *keys: Any, **options: Any
+    ) -> AbstractConnection:
+        while True:
+            async with self._condition:
+                ready = functools.partial(self._ready, self._dial_failures)
+                if not ready() and self._total() < self.max_connections:
+                    self._dial()
+                async with asyncio.timeout(self.timeout):
+                    await self._condition.wait_for(ready)
+                if not self._available_connections:
+                    raise ConnectionError(f"connecting to Redis failed: {self._dial_error!r}")
+                connection = self._available_connections.pop()
+                self._in_use_connections.add(connection)
+            try:
+                # Data waiting on an idle connection means the server closed it (a restart)
+                # or a reply was left unread: drop it, never reopen it on the caller's time.
+                if not await connection.can_read():
+                    return connection
+            except (ConnectionError, OSError):
+                pass
+            await connection.disconnect()
+            await self.release(connection)
+
+    def warm_up(self) -> None:
+        """Open connections in the background until `warm` are open or opening (call inside
+        the event loop); not while the last connect failed, so an outage is not hammered:
+        the next caller's connect (the breaker's probe) tries again."""
+        if self._dial_error is None:
+            for _ in range(self._warm - self._total()):
+                self._dial()
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        if not connection.is_connected:
+            # Closed by an error or a cancelled command: open a replacement in the
+            # background, so the next requests still find `warm` connections open.
+            self.warm_up()
+
+    def _ready(self, failures: int) -> bool:
+        """An open connection is idle, or a connect failed since `failures` was read."""
+        return self._has_idle() or self._dial_failures != failures
+
+    def _has_idle(self) -> bool:
+        idle = self._available_connections
+        idle[:] = [c for c in idle if c.is_connected]
+        return bool(idle)
+
+    def _total(self) -> int:
+        open_idle = sum(1 for c in self._available_connections if c.is_connected)
+        return len(self._in_use_connections) + open_idle + self._dialing
+
+    def _dial(self) -> None:
+        self._dialing += 1
+        task = asyncio.create_task(self._open())
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+
+    async def _open(self) -> None:
+        connection: AbstractConnection = self.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await connection.connect()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            await connection.disconnect(nowait=True)
+            async with self._condition:
+                self._dialing -= 1
+                self._dial_failures += 1
+                self._dial_error = exc
+                self._condition.notify_all()
+            log.debug("redis.connect_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        except BaseException:
+            self._dialing -= 1
+            await connection.disconnect(nowait=True)
+            raise
+        async with self._condition:
+            self._dialing -= 1
+            self._dial_error = None
+            self._available_connections.append(connection)
+            self._condition.notify()
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing the pool: stop opening new ones too
+            for task in list(self._dials):
+                task.cancel()
+            await asyncio.gather(*self._dials, return_exceptions=True)
+
+
 def build_redis(settings: Settings) -> RedisClient:
-    """A client for `settings`; it connects lazily, on its first command."""
+    """A client for `settings`; it connects in the background (`warm_up`), or on first use."""
     timeouts: dict[str, Any] = {
         "socket_timeout": settings.redis_timeout_seconds,
-        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": connect_timeout(settings),
         "retry": _no_retry(),
         "health_check_interval": 0,
     }
@@ -135,13 +263,21 @@ def build_redis(settings: Settings) -> RedisClient:
         return build_cluster(settings)
     if settings.redis_mode == "sentinel":
         return build_sentinel_master(settings, timeouts)
-    pool = BlockingConnectionPool.from_url(
+    pool = WarmConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_seconds,
+        timeout=connect_timeout(settings),
+        connect_timeout=connect_timeout(settings),
         **timeouts,
     )
     return Redis(connection_pool=pool)
+
+
+def warm_up(client: RedisClient) -> None:
+    """Start opening the pool's first connections, so the first requests find them open."""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, WarmConnectionPool):
+        pool.warm_up()
 
 
 def build_cluster(settings: Settings) -> ClusterClient:
@@ -191,9 +327,10 @@ def build_sentinel_master(settings: Settings, timeouts: dict[str, Any]) -> Redis
     master: SentinelMaster = sentinel.master_for(
         settings.redis_sentinel_master,
         redis_class=SentinelMaster,
-        connection_pool_class=BlockingSentinelConnectionPool,
+        connection_pool_class=WarmSentinelConnectionPool,
         max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_seconds,
+        timeout=connect_timeout(settings),
+        connect_timeout=connect_timeout(settings),
         **master_options,
         **timeouts,
     )
@@ -201,9 +338,9 @@ def build_sentinel_master(settings: Settings, timeouts: dict[str, Any]) -> Redis
     return master
 
 
-class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
-    """Sentinel-managed connections, bounded like the standalone pool: past
-    `max_connections` a caller waits (up to `timeout`) instead of failing at once."""
+class WarmSentinelConnectionPool(SentinelConnectionPool, WarmConnectionPool):
+    """Sentinel-managed connections (each connect asks the sentinels for the master),
+    bounded and opened in the background like the standalone pool's."""
 
 
 class SentinelMaster(Redis):

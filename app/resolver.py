@@ -30,7 +30,7 @@ import structlog
 
 from app import metrics
 from app.admission import Slot
-from app.cache import Cache
+from app.cache import Cache, RedisBudget
 from app.entities import ENTITIES, Entity
 from app.upstream import CrmError, Upstream
 
@@ -89,6 +89,7 @@ class Resolution:
     crm_calls: int = 0
     refreshes: int = 0
     crm_wait: float = 0.0
+    redis_wait: float = 0.0
     redis_ok: bool = True
 
 
@@ -133,7 +134,8 @@ class EntityResolver:
         policy = self._policy
         space = self.space(instance, authorization)
         keys = [self._cache.entity_key(e, space, i) for e in ENTITIES for i in wanted[e]]
-        entries = await self._read(keys)
+        budget = self._cache.budget()
+        entries = await self._read(keys, budget)
         resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
         refresh: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
@@ -169,8 +171,9 @@ class EntityResolver:
             resolution.refreshes = self._refresh(space, refresh, authorization, request_id)
         if resolution.misses:
             await self._fetch_misses(
-                space, misses, stale, authorization, request_id, resolution, slot
+                space, misses, stale, authorization, request_id, resolution, slot, budget
             )
+        resolution.redis_wait = budget.spent
         return resolution
 
     def space(self, instance: str, authorization: str | None) -> str:
@@ -226,11 +229,13 @@ class EntityResolver:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _read(self, keys: list[str]) -> list[tuple[bytes | None, int]] | None:
+    async def _read(
+        self, keys: list[str], budget: RedisBudget
+    ) -> list[tuple[bytes | None, int]] | None:
         """Values (and remaining TTLs in ms when the policy needs them) in one round trip."""
         if self._policy.reads_ttls:
-            return await self._cache.read_with_ttl(keys)
-        raws = await self._cache.read_raw(keys)
+            return await self._cache.read_with_ttl(keys, budget)
+        raws = await self._cache.read_raw(keys, budget)
         return None if raws is None else list(zip(raws, itertools.repeat(-1)))
 
     # -- fetching --------------------------------------------------------------------------
@@ -259,9 +264,14 @@ class EntityResolver:
         request_id: str,
         *,
         leases: bool = True,
+        budget: RedisBudget | None = None,
     ) -> None:
+        """Fetch and store in a task of its own; `budget`: the Redis budget of the request
+        that waits for it (None for background refreshes, which nobody waits for)."""
         task = asyncio.create_task(
-            self._fetch_and_store(space, owned, futures, authorization, request_id, leases=leases)
+            self._fetch_and_store(
+                space, owned, futures, authorization, request_id, leases=leases, budget=budget
+            )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -291,12 +301,21 @@ class EntityResolver:
         request_id: str,
         resolution: Resolution,
         slot: Slot | None,
+        budget: RedisBudget,
     ) -> None:
         owned, mine = self._claim(space, misses)
         if mine:
             resolution.crm_calls = sum(-(-len(ids) // self._batch_size) for ids in owned.values())
             # After a failed read, a lease round trip would only add a second timeout.
-            self._start(space, owned, mine, authorization, request_id, leases=resolution.redis_ok)
+            self._start(
+                space,
+                owned,
+                mine,
+                authorization,
+                request_id,
+                leases=resolution.redis_ok,
+                budget=budget,
+            )
         waits = [
             (entity, entity_id, self._inflight.get((entity, space, entity_id)))
             for entity in ENTITIES
@@ -305,6 +324,7 @@ class EntityResolver:
         pending = [f for _, _, f in waits if f is not None and not f.done()]
         if pending:
             started = time.perf_counter()
+            redis_before = budget.spent
             if slot is not None:
                 slot.pause()  # waiting on I/O: other requests may use the loop meanwhile
             # One suspension per batch, not a callback per id (as asyncio.wait would add).
@@ -313,7 +333,9 @@ class EntityResolver:
             for waiting in pending:
                 if not waiting.done():
                     await asyncio.shield(waiting)
-            resolution.crm_wait = time.perf_counter() - started
+            # The leases (and lease polls) taken for this request are Redis time, not CRM time.
+            waited = time.perf_counter() - started
+            resolution.crm_wait = max(0.0, waited - (budget.spent - redis_before))
             if slot is not None:
                 await slot.resume()
         for entity, entity_id, future in waits:
@@ -342,6 +364,7 @@ class EntityResolver:
         request_id: str,
         *,
         leases: bool,
+        budget: RedisBudget | None,
     ) -> None:
         policy = self._policy
         mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
@@ -350,7 +373,9 @@ class EntityResolver:
         token = uuid.uuid4().hex
         if leases and policy.lease_wait > 0 and self._cache.enabled:
             lease_keys = [self._cache.lease_key(e, space, i) for e, i in mine]
-            taken = await self._cache.take_leases(lease_keys, token, int(policy.lease_ttl * 1000))
+            taken = await self._cache.take_leases(
+                lease_keys, token, int(policy.lease_ttl * 1000), budget
+            )
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
@@ -417,7 +442,7 @@ class EntityResolver:
                 )
 
         async def await_other_replicas() -> None:
-            left = await self._await_leased(space, contested, futures)
+            left = await self._await_leased(space, contested, futures, budget)
             if left:
                 await fetch_and_store(left, [])
 
@@ -438,8 +463,10 @@ class EntityResolver:
         space: str,
         pairs: list[tuple[Entity, str]],
         futures: dict[_Key, asyncio.Future[_Result]],
+        budget: RedisBudget | None,
     ) -> list[tuple[Entity, str]]:
-        """Wait for other replicas to store what they leased; what they did not, comes back."""
+        """Wait for other replicas to store what they leased; what they did not, comes back,
+        and so does everything once the request's Redis budget is spent."""
         if not pairs:
             return []
         loop = asyncio.get_running_loop()
@@ -453,7 +480,7 @@ class EntityResolver:
             delay = min(delay * 2, _POLL_MAX)
             keys = [self._cache.entity_key(e, space, i) for e, i in pending]
             keys += [self._cache.lease_key(e, space, i) for e, i in pending]
-            entries = await self._cache.read_with_ttl(keys)
+            entries = await self._cache.read_with_ttl(keys, budget)
             if entries is None:
                 break
             still: list[tuple[Entity, str]] = []

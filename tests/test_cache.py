@@ -144,7 +144,9 @@ class TestRoundTrips:
     ) -> None:
         real = Cache.take_leases
 
-        async def half_failed(self: Cache, keys: Sequence[str], token: str, ttl_ms: int) -> None:
+        async def half_failed(
+            self: Cache, keys: Sequence[str], token: str, ttl_ms: int, budget: object = None
+        ) -> None:
             await real(self, keys[: len(keys) // 2], token, ttl_ms)  # one call ran...
             # ...and the other failed: the caller cannot tell which leases it holds
 

@@ -6,10 +6,13 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
 from tests.conftest import Service, Sim, StartService
+from tests.support.delay_proxy import DelayProxy
 from tests.support.procs import RedisServer, eventually
 
 TIMEOUT = 0.25
@@ -265,3 +268,57 @@ class TestRedisFull:
         assert len(events("redis.command_recovered")) == 2
         assert redis_server.client().dbsize() > 0, "writes resumed"
         assert not events("redis.circuit_open"), "a refused command is not an outage"
+
+
+@pytest.fixture
+async def redis_proxy(redis_server: RedisServer) -> AsyncIterator[DelayProxy]:
+    proxy = await DelayProxy(redis_server.port, delay=0.0).start()
+    yield proxy
+    await proxy.stop()
+
+
+async def redis_is_up(service: Service) -> bool:
+    return (await service.get("/health")).json()["redis"] == "up"
+
+
+class TestSlowRedis:
+    async def test_redis_adds_at_most_the_timeout_in_total_to_a_cold_request(
+        self, start_service: StartService, redis_proxy: DelayProxy
+    ) -> None:
+        # Every reply 0.4 s late with a 0.5 s timeout: the read fits, a second round trip
+        # (the lease) cannot fit in what is left, and must not get a second full timeout.
+        redis_proxy.delay = 0.4
+        service = await start_service(
+            redis_url=redis_proxy.url, redis_timeout_seconds=0.5, cache_lease_wait_seconds=1.0
+        )
+        await eventually(lambda: redis_is_up(service), timeout=20, message="pool warm")
+
+        cold, elapsed = await timed_get(service, "/contacts?instance=acme&per_page=10")
+
+        assert fully_enriched(cold)
+        assert elapsed < 0.5 + 0.25, "one Redis budget for the whole request, not one per call"
+        timing = dict(
+            (part.strip().partition(";dur=")[0], float(part.partition(";dur=")[2]))
+            for part in cold.headers["server-timing"].split(",")
+        )
+        assert 400 <= timing["redis"] <= 500 + 50
+        assert timing["crm"] < 200, "the lease round trip is Redis time, not CRM time"
+
+    async def test_a_redis_100ms_away_is_used_and_its_hits_served(
+        self, start_service: StartService, redis_proxy: DelayProxy, sim: Sim
+    ) -> None:
+        # Connecting costs several round trips (HELLO, CLIENT SETINFO) on top of the command:
+        # more than the 0.25 s budget. Connections are opened in the background instead.
+        redis_proxy.delay = 0.1
+        service = await start_service(redis_url=redis_proxy.url, redis_timeout_seconds=0.25)
+        await eventually(lambda: redis_is_up(service), timeout=20, message="pool warm")
+        await service.get(PAGE)
+        await service.settle()
+        calls = dict(sim.stats()["calls"])
+
+        responses = [await service.get(PAGE) for _ in range(5)]
+
+        assert all(fully_enriched(r) for r in responses)
+        assert sim.stats()["calls"]["customers"] == calls["customers"], "every one a hit"
+        metrics = (await service.get("/metrics")).text
+        assert "redis_up 1.0" in metrics
