@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 .PHONY: help install run test lint format typecheck unit bench config-docs clean
 
 help:
-	@echo "make run    - the service on the simulated upstream, with a local Redis if one is installed"
+	@echo "make run    - the service on the simulated upstream (PORT=8000), with a local Redis if one is installed"
 	@echo "make test   - lint, type-check and the whole test suite (real Redis, real servers)"
 	@echo "make config-docs - regenerate .env.example and docs/configuration.md from app/config.py"
 	@echo "make bench  - the benchmark against the Node.js original (docs/performance.md)"
