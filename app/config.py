@@ -1,4 +1,4 @@
-"""Settings: every environment variable of SPEC.md, read once at start-up."""
+"""Settings: every variable of the service (docs/configuration.md), read once at start-up."""
 
 from __future__ import annotations
 
