@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help install run test lint format typecheck unit bench clean
+.PHONY: help install run test lint format typecheck unit bench config-docs clean
 
 help:
-	@echo "make run    - the service on the simulated upstream, with a local Redis if one is installed"
+	@echo "make run    - the service on the simulated upstream (PORT=8000), with a local Redis if one is installed"
 	@echo "make test   - lint, type-check and the whole test suite (real Redis, real servers)"
-	@echo "make bench  - the benchmark against the Node.js original (see README)"
+	@echo "make config-docs - regenerate .env.example and docs/configuration.md from app/config.py"
+	@echo "make bench  - the benchmark against the Node.js original (docs/performance.md)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -41,8 +42,13 @@ test: install lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	@scripts/ensure-system-deps.sh bench
+	@scripts/ensure-system-deps.sh bench || \
+		echo "make bench: some tools could not be installed; measuring what can be" >&2
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# .env.example and docs/configuration.md's tables, from the Settings class (app/config.py).
+config-docs: install
+	$(BIN)/python scripts/gen_config_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

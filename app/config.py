@@ -1,4 +1,4 @@
-"""Settings: every environment variable of SPEC.md, read once at start-up."""
+"""Settings: every variable of the service (docs/configuration.md), read once at start-up."""
 
 from __future__ import annotations
 
@@ -14,38 +14,154 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
-    whatsapp_api_url: str
-    crm_api_url: str
-    crm_api_token: SecretStr | None = None
-    upstream_timeout_seconds: float = Field(10.0, gt=0)
-    upstream_batch_size: int = Field(100, ge=1, le=100)
-    upstream_max_connections: int = Field(200, ge=1)
-    upstream_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_active_requests: int = Field(32, ge=1)
-    admission_queue_timeout_seconds: float = Field(2.0, gt=0)
+    # Each description is the documentation: scripts/gen_config_docs.py writes
+    # .env.example and docs/configuration.md from these fields (`make config-docs`).
+    whatsapp_api_url: str = Field(
+        description="Base URL of the WhatsApp contacts API: the service calls"
+        " GET {url}/{instance}/contacts.",
+        examples=["http://127.0.0.1:8081"],
+    )
+    crm_api_url: str = Field(
+        description="Base URL of the CRM API: GET {url}/{instance}/customers?ids=... and"
+        " /users?ids=.... May be the same host as the contacts API.",
+        examples=["http://127.0.0.1:8081"],
+    )
+    crm_api_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the CRM calls. Recommended: one cached object then serves"
+        " every caller of an instance. Unset: the caller's Authorization header goes to the CRM"
+        " and cached entries are scoped to that credential.",
+    )
+    upstream_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline for one whole upstream call (connect, headers and body), in"
+        " seconds: a contacts call past it is a 504, a CRM batch past it a failed batch.",
+    )
+    upstream_batch_size: int = Field(
+        100, ge=1, le=100, description="Ids per CRM call (the CRM refuses more than 100)."
+    )
+    upstream_max_connections: int = Field(
+        200, ge=1, description="Connections kept open to the upstreams, per process."
+    )
+    upstream_max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest upstream body accepted, in bytes, counted after decompression:"
+        " a larger contacts body is a 502, a larger CRM answer a failed batch.",
+    )
+    max_active_requests: int = Field(
+        32,
+        ge=1,
+        description="/contacts requests that read Redis and build their answer at once, per"
+        " process; the others wait their turn, in order. The contacts call and the wait for the"
+        " CRM hold no turn.",
+    )
+    admission_queue_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Longest wait for a turn, in seconds; a request still waiting then gets a"
+        " 503 with Retry-After.",
+    )
 
-    use_redis: bool = True
-    redis_url: str = "redis://localhost:6379/0"
-    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
-    redis_sentinels: str | None = None
-    redis_sentinel_master: str = "mymaster"
-    redis_timeout_seconds: float = Field(0.25, gt=0)
-    redis_max_connections: int = Field(64, ge=1)
-    redis_breaker_failures: int = Field(3, ge=1)
-    redis_breaker_cooldown_seconds: float = Field(5.0, gt=0)
+    use_redis: bool = Field(
+        True,
+        description="The cache toggle: false never connects to Redis and resolves every request"
+        " from the CRM (still deduplicated and batched).",
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="redis://, rediss:// (TLS) or unix:// URL; in cluster mode any node of the"
+        " cluster.",
+    )
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = Field(
+        "standalone", description="How Redis is deployed."
+    )
+    redis_sentinels: str | None = Field(
+        None, description="Sentinel mode: the sentinels, as host:port,host:port."
+    )
+    redis_sentinel_master: str = Field(
+        "mymaster", description="Sentinel mode: the name of the monitored primary."
+    )
+    redis_timeout_seconds: float = Field(
+        0.25,
+        gt=0,
+        description="Connect and command timeout of cache calls, in seconds: the most Redis can"
+        " add to a request.",
+    )
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connections in the Redis pool, per process."
+    )
+    redis_breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive Redis failures that open the circuit breaker (Redis is then"
+        " skipped).",
+    )
+    redis_breaker_cooldown_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the open breaker skips Redis before one probe tries it again.",
+    )
 
-    cache_ttl_seconds: int = Field(300, ge=1)
-    cache_negative_ttl_seconds: int = Field(60, ge=0)
-    cache_key_prefix: str = ""
-    cache_refresh_ahead_seconds: int = Field(0, ge=0)
-    cache_stale_seconds: int = Field(0, ge=0)
-    cache_lease_wait_seconds: float = Field(1.0, ge=0)
-    cache_max_value_bytes: int = Field(1024 * 1024, ge=1)
-    cache_scope_secret: SecretStr | None = None
+    cache_ttl_seconds: int = Field(
+        300, ge=1, description="TTL of a cached customer or user, in seconds."
+    )
+    cache_negative_ttl_seconds: int = Field(
+        60,
+        ge=0,
+        description='TTL of a cached "does not exist" (the JSON null), in seconds; 0 caches'
+        " no absence.",
+    )
+    cache_key_prefix: str = Field(
+        "",
+        description="Prefix of every key (e.g. contacts:); empty keeps the keys the Node.js"
+        " service used.",
+    )
+    cache_refresh_ahead_seconds: int = Field(
+        0,
+        ge=0,
+        description="Refresh an entry in the background when this little of its TTL is left, in"
+        " seconds; 0 turns refresh-ahead off.",
+    )
+    cache_stale_seconds: int = Field(
+        0,
+        ge=0,
+        description="Serve an entry up to this long past its TTL while the CRM is failing, in"
+        " seconds (X-Enrichment: stale); 0 turns it off.",
+    )
+    cache_lease_wait_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long a replica waits for another replica that holds the CRM lease of"
+        " an id before fetching it itself, in seconds; 0 turns leases off.",
+    )
+    cache_max_value_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Largest CRM object cached, in bytes; a larger one is served but not stored.",
+    )
+    cache_scope_secret: SecretStr | None = Field(
+        None,
+        description="Without CRM_API_TOKEN, cached objects are scoped to each caller's credential"
+        " through a keyed hash in the key: the hash's key, the same on every replica. Unset:"
+        " derived from REDIS_URL and CACHE_KEY_PREFIX; set a long random value when Redis has"
+        " no password.",
+    )
 
-    admin_token: SecretStr | None = None
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    log_format: Literal["json", "console"] = "json"
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Enables the /cache admin endpoints (Authorization: Bearer <token>); unset,"
+        " they answer 404.",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Lowest level logged."
+    )
+    log_format: Literal["json", "console"] = Field(
+        "json",
+        description="json (one JSON object a line, for log collectors) or console (for people"
+        " at a terminal).",
+    )
 
     @field_validator("whatsapp_api_url", "crm_api_url")
     @classmethod

@@ -16,7 +16,7 @@ from bench import report
 from bench.load import wrk_available
 from bench.procs import Children
 from bench.scenarios import SCENARIOS, Context, Options, Section, Variant
-from bench.stack import NODE_SOURCE, REPO, prepare_node, start_stack
+from bench.stack import NODE_SOURCE, REPO, NodeUnavailable, prepare_node, start_stack
 
 DEFAULT_OUT = REPO / "bench" / "results"
 
@@ -122,11 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = report.machine_info()
     sections: dict[str, Section] = {}
     errors: dict[str, str] = {}
+    node_note: str | None = None
     try:
         node_dir = None
         if not options.skip_node:
             log(f"preparing the Node.js reference from {args.node_src}")
-            node_dir = prepare_node(args.node_src)
+            try:
+                node_dir = prepare_node(args.node_src)
+            except NodeUnavailable as exc:
+                log(f"the Node.js reference is left out, measuring the rest: {exc}")
+                options = dataclasses.replace(options, skip_node=True)
+                node_note = "The Node.js reference was not measured: " + " ".join(str(exc).split())
         stack = start_stack(children, node_dir=node_dir)
         ctx = Context(stack, options, log)
         for name in wanted:
@@ -148,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         children.stop_all()
 
     text = report.markdown(sections, machine, command)
+    if node_note:
+        text += f"\n## Left out\n\n- {node_note}\n"
     if errors:
         text += "\n## Failed scenarios\n\n" + "\n".join(f"- {k}" for k in errors) + "\n"
     (out / "bench.md").write_text(text)
@@ -155,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out / "bench.json",
         sections,
         machine,
-        {"argv": command, "options": dataclasses.asdict(options), "errors": errors},
+        {
+            "argv": command,
+            "options": dataclasses.asdict(options),
+            "errors": errors,
+            "node_left_out": node_note,
+        },
     )
     chart = report.write_chart(out, sections)
     print(text)

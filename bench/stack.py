@@ -21,7 +21,8 @@ import redis
 from bench.procs import LOOPBACK, Child, Children, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_SOURCE = REPO.parent / "shared" / "bench" / "seed-node"
+#: The Node.js original, kept in the repository with its dependencies locked.
+NODE_SOURCE = REPO / "bench" / "seed-node"
 READY_TIMEOUT = 30.0
 
 #: Every setting of the service, pinned, so a developer's `.env` cannot skew a run.
@@ -130,7 +131,7 @@ class Stack:
         label: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Target:
-        """`uvicorn app.main:app` as SPEC.md runs it; `db=None` is `USE_REDIS=false`.
+        """`uvicorn app.main:app` as docs/operations.md runs it; `db=None` is `USE_REDIS=false`.
 
         `source` is a folder holding an `app` package (a copy or a git worktree of the
         repository, for A/B runs); it comes first on the child's import path.
@@ -232,11 +233,29 @@ def start_stack(children: Children, *, node_dir: Path | None) -> Stack:
     return Stack(children, redis_child, Sim(sim_child), node_dir)
 
 
+class NodeUnavailable(RuntimeError):
+    """The Node.js reference cannot run here; the benchmark measures the rest."""
+
+
+def node_missing() -> str | None:
+    """Why the Node.js reference cannot be installed here, or None when node and npm exist."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (scripts/ensure-system-deps.sh bench)"
+    return None
+
+
 def prepare_node(source: Path, cache_root: Path | None = None) -> Path:
-    """Copy the Node.js reference to a writable folder and `npm install` it there (once)."""
-    files = sorted(p for p in source.iterdir() if p.is_file())
+    """Copy the Node.js reference to a writable folder and install it there (once).
+
+    With a `package-lock.json` beside it, `npm ci` installs exactly the locked versions.
+    """
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else []
     if not files:
-        raise RuntimeError(f"no Node.js reference in {source}")
+        raise NodeUnavailable(f"no Node.js reference in {source}")
+    reason = node_missing()
+    if reason is not None:
+        raise NodeUnavailable(reason)
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())
@@ -247,18 +266,22 @@ def prepare_node(source: Path, cache_root: Path | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         shutil.copy2(path, target / path.name)
-    npm = shutil.which("npm")
-    if npm is None or shutil.which("node") is None:
-        raise RuntimeError("node/npm are not installed: install them or pass --skip-node")
-    result = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=target,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    locked = (target / "package-lock.json").exists()
+    npm = shutil.which("npm") or "npm"
+    try:
+        result = subprocess.run(
+            [npm, "ci" if locked else "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=target,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise NodeUnavailable(
+            "npm did not finish within 300 s (is the registry reachable?)"
+        ) from None
     if result.returncode != 0:
-        raise RuntimeError(f"npm install failed (pass --skip-node to go without):\n{result.stderr}")
+        raise NodeUnavailable(f"npm {'ci' if locked else 'install'} failed:\n{result.stderr}")
     (target / "node_modules" / ".bench-installed").touch()
     return target

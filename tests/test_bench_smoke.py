@@ -21,9 +21,12 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench")
+    # An empty folder as the Node.js reference: the run must say so and measure the rest,
+    # as it does on a machine without node/npm.
+    no_node = tmp_path_factory.mktemp("no-node")
     run = subprocess.run(
         [
-            sys.executable, "-m", "bench", "--quick", "--skip-node",
+            sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
             "--scenarios", "warm,counts,overload", "--out", str(out),
         ],
         cwd=REPO,
@@ -33,6 +36,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         check=False,
     )  # fmt: skip
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert "the Node.js reference is left out, measuring the rest" in run.stderr
     assert (out / "bench.png").exists() or (out / "bench.svg").exists()
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
@@ -72,6 +76,37 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
         assert row["requests"] > 0, name
         assert row["http_errors"] == 0, name
     assert section["service_vs_unlimited"] > 0
+
+
+def test_a_missing_node_reference_is_reported_not_fatal(results: tuple[dict, str]) -> None:
+    data, text = results
+
+    assert data["args"]["node_left_out"].startswith("The Node.js reference was not measured")
+    assert "## Left out" in text
+    assert "The Node.js reference was not measured: no Node.js reference in" in text
+
+
+def test_node_and_npm_missing_is_said_before_anything_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import stack
+
+    monkeypatch.setattr(stack.shutil, "which", lambda name: None)
+    with pytest.raises(stack.NodeUnavailable, match="node and npm not installed"):
+        stack.prepare_node(REPO / "bench" / "seed-node", cache_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_node_reference_is_in_the_repository_with_locked_dependencies() -> None:
+    folder = REPO / "bench" / "seed-node"
+    package = json.loads((folder / "package.json").read_text())
+    lock = json.loads((folder / "package-lock.json").read_text())
+
+    assert (folder / "server.js").exists()
+    for name, version in package["dependencies"].items():
+        assert version[0].isdigit(), f"{name} {version}: not an exact version"
+        assert lock["packages"][f"node_modules/{name}"]["version"] == version
+    assert lock["packages"][""]["dependencies"] == package["dependencies"]
 
 
 def test_markdown_report_has_the_tables(results: tuple[dict, str]) -> None:
