@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar, cast
 
 import structlog
 from redis.asyncio import RedisCluster
@@ -217,7 +217,7 @@ class Cache:
         async def scripted(
             client: RedisClient, scripts: _Scripts
         ) -> list[tuple[bytes | None, int]]:
-            flat = await _in_chunks(lambda chunk: scripts.read_ttl(client, chunk), keys)
+            flat = await _in_chunks(scripts.read_ttl, client, keys)
             return [(flat[n], int(flat[n + 1])) for n in range(0, len(flat), 2)]
 
         async def pipelined(client: RedisClient) -> list[tuple[bytes | None, int]]:
@@ -247,9 +247,7 @@ class Cache:
             return []
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> list[bool]:
-            taken = await _in_chunks(
-                lambda chunk: scripts.lease(client, chunk, (token, ttl_ms)), keys
-            )
+            taken = await _in_chunks(scripts.lease, client, keys, (token, ttl_ms))
             return [flag == 49 for flag in taken]  # b"1"
 
         async def pipelined(client: RedisClient) -> list[bool]:
@@ -281,23 +279,27 @@ class Cache:
         if not items and not release:
             return True
 
-        async def scripted(client: RedisClient, scripts: _Scripts) -> bool:
-            async def write(
-                values: Sequence[tuple[str, bytes, int | None]], leases: Sequence[str]
-            ) -> None:
-                args: list[EncodableT] = [len(values), token]
-                for _, value, ttl in values:
-                    args += (value, "" if ttl is None else ttl)
-                await scripts.write(client, [key for key, _, _ in values] + list(leases), args)
+        def call(values: Sequence[tuple[str, bytes, int | None]], leases: Sequence[str]) -> _Call:
+            args: list[EncodableT] = [len(values), token]
+            for _, value, ttl in values:
+                args += (value, "" if ttl is None else ttl)
+            return [key for key, _, _ in values] + list(leases), args
 
+        async def scripted(client: RedisClient, scripts: _Scripts) -> bool:
             n = _SCRIPT_KEYS
             if len(items) <= n and len(release) <= n:
-                await write(items, release)
+                await scripts.write(client, *call(items, release))
                 return True
             # A large batch: every value first, then the leases, so that a replica
             # waiting on a lease never sees neither the lease nor the value.
-            await _together([write(items[i : i + n], ()) for i in range(0, len(items), n)])
-            await _together([write((), release[i : i + n]) for i in range(0, len(release), n)])
+            try:
+                await scripts.write.many(
+                    client, [call(items[i : i + n], ()) for i in range(0, len(items), n)]
+                )
+            finally:  # the leases are released whatever happened to the values
+                await scripts.write.many(
+                    client, [call((), release[i : i + n]) for i in range(0, len(release), n)]
+                )
             return True
 
         async def pipelined(client: RedisClient) -> bool:
@@ -309,10 +311,13 @@ class Cache:
             await pipe.execute()
             return True
 
+        # In the background, where nobody waits: a very large batch gets time to match.
+        chunks = -(-(len(items) + len(release)) // _BACKGROUND_KEYS_PER_TIMEOUT)
         written: bool = await self._run(
             "write",
             self._scripted(scripted, pipelined),
             False,
+            deadline=self._timeout * max(1, chunks),
             keys=len(items) + len(release),
         )
         return written
@@ -511,30 +516,23 @@ _MIN_CALL_SHARE = 0.2
 #: page is split into calls of about a millisecond each, sent at once (one round trip).
 _SCRIPT_KEYS = 1000
 
-_T = TypeVar("_T")
+#: A background write gets `REDIS_TIMEOUT_SECONDS` per this many keys.
+_BACKGROUND_KEYS_PER_TIMEOUT = 10_000
+
+#: One script call: its keys and its other arguments.
+_Call = tuple[Sequence[str], Sequence[EncodableT]]
 
 
 async def _in_chunks(
-    call: Callable[[Sequence[_T]], Coroutine[Any, Any, Sequence[Any]]], items: Sequence[_T]
-) -> Sequence[Any]:
-    """`call` on slices of at most `_SCRIPT_KEYS` items, concurrently; the replies joined."""
-    if len(items) <= _SCRIPT_KEYS:
-        return await call(items)
-    parts = await _together(
-        [call(items[i : i + _SCRIPT_KEYS]) for i in range(0, len(items), _SCRIPT_KEYS)]
-    )
+    script: _Script, client: RedisClient, keys: Sequence[str], args: Sequence[EncodableT] = ()
+) -> list[Any]:
+    """`script` over slices of at most `_SCRIPT_KEYS` keys (same `args` each), in one
+    pipeline; the replies joined in order."""
+    if len(keys) <= _SCRIPT_KEYS:
+        return list(await script(client, keys, args))
+    n = _SCRIPT_KEYS
+    parts = await script.many(client, [(keys[i : i + n], args) for i in range(0, len(keys), n)])
     return [reply for part in parts for reply in part]
-
-
-async def _together(calls: list[Coroutine[Any, Any, R]]) -> list[R]:
-    """Run `calls` concurrently. Unlike gather, the first failure cancels the others
-    (what is not sent yet is not sent) and is raised as itself, not as a group."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(call) for call in calls]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    return [task.result() for task in tasks]
 
 
 class _Script:
@@ -553,6 +551,27 @@ class _Script:
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
 
+    async def many(self, client: RedisClient, calls: Sequence[_Call]) -> list[Any]:
+        """Several calls in one pipeline: one connection and one round trip, however many
+        (Redis runs each script alone, and serves others between them). Raises the first
+        error, after every call has run."""
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+        replies = list(await pipe.execute(raise_on_error=False))
+        missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # (only the calls that did not run: a lease script is not idempotent)
+            pipe = client.pipeline(transaction=False)
+            for n in missing:
+                keys, args = calls[n]
+                pipe.eval(self.source, len(keys), *keys, *args)
+            for n, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[n] = reply
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            raise failed
+        return replies
+
 
 class _Scripts:
     """The Lua scripts of the batch operations."""
@@ -570,11 +589,16 @@ def _scripts_unavailable(exc: ResponseError) -> bool:
 
 
 async def _mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET, split per slot on a cluster, and at most `_SCRIPT_KEYS` keys an MGET: a very
+    large page is read in one pipeline of MGETs, none of which holds Redis for long."""
     if isinstance(client, RedisCluster):
-        values = await client.mget_nonatomic(keys)
-    else:
-        values = await client.mget(keys)
-    return list(values)
+        return list(await client.mget_nonatomic(keys))
+    if len(keys) <= _SCRIPT_KEYS:
+        return cast(list[bytes | None], await client.mget(keys))
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, len(keys), _SCRIPT_KEYS):
+        pipe.mget(keys[start : start + _SCRIPT_KEYS])
+    return [value for part in await pipe.execute() for value in part]
 
 
 async def _unlink(client: RedisClient, keys: Sequence[bytes | str]) -> int:

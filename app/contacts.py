@@ -7,6 +7,7 @@ objects are spliced in as raw JSON (`orjson.Fragment`), never re-parsed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from app.validation import normalize_id
 log = structlog.get_logger("app.contacts")
 
 _REF_FIELD: dict[Entity, str] = {"customer": "customerId", "user": "userId"}
+#: A page of more contacts than this lets other requests run every so many contacts.
+_YIELD_EVERY = 5_000
 
 Enrichment = Literal["complete", "stale", "partial"]
 
@@ -85,8 +88,11 @@ class ContactsService:
         wanted: dict[Entity, dict[str, None]] = {"customer": customers, "user": users}
         refs: list[tuple[str | None, str | None]] = []
         invalid: list[object] = []
+        huge = len(page.items) > _YIELD_EVERY
         # Runs for every contact of every request: both references unrolled, no inner loop.
-        for item in page.items:
+        for n, item in enumerate(page.items):
+            if huge and not n % _YIELD_EVERY:
+                await asyncio.sleep(0)  # a very large page lets other requests run
             raw_customer = item.get(_REF_FIELD["customer"])
             raw_user = item.get(_REF_FIELD["user"])
             customer_id = user_id = None

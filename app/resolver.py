@@ -28,7 +28,7 @@ from typing import Final
 
 import structlog
 
-from app import metrics
+from app import jsonutil, metrics
 from app.admission import Slot
 from app.cache import Cache, RedisBudget
 from app.entities import ENTITIES, Entity
@@ -40,6 +40,10 @@ NEGATIVE: Final = b"null"
 #: Instances whose hit/miss counts (GET /cache/{instance}/stats) a process keeps: the least
 #: recently served are forgotten first, so a flood of instance names cannot grow memory.
 MAX_COUNTED_INSTANCES: Final = 10_000
+#: Values read from Redis whose validity is remembered (by hash: ~50 bytes each).
+_MAX_CHECKED: Final = 200_000
+#: A page with more ids than this lets other requests run every so many ids.
+_YIELD_EVERY: Final = 5_000
 _POLL_FIRST: Final = 0.005
 _POLL_MAX: Final = 0.05
 
@@ -116,6 +120,8 @@ class EntityResolver:
         self._inflight: dict[_Key, asyncio.Future[_Result]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts: dict[str, list[int]] = {}  # in least recently served order
+        self._checked: set[int] = set()  # hashes of values read from Redis and found valid
+        self._warned_invalid = False
         self._max_counted = max_counted_instances
 
     async def resolve(
@@ -143,13 +149,16 @@ class EntityResolver:
         stale_ms = policy.stale * 1000
         refresh_ms = policy.refresh_ahead * 1000
         position = 0
+        huge = len(keys) > _YIELD_EVERY
         for entity in ENTITIES:
             values = resolution.values[entity]
             hits = 0
             for entity_id in wanted[entity]:
                 raw, pttl = entries[position] if entries is not None else (None, -2)
                 position += 1
-                if raw is None:
+                if huge and not position % _YIELD_EVERY:
+                    await asyncio.sleep(0)  # a very large page lets other requests run
+                if raw is None or (hash(raw) not in self._checked and not self._check(raw)):
                     misses[entity].append(entity_id)
                 elif stale_ms and 0 <= pttl <= stale_ms:
                     # past its TTL, kept only to stand in if the CRM fails now
@@ -208,6 +217,22 @@ class EntityResolver:
         """Drop every in-flight lookup of one instance, in every credential's space."""
         for key in [key for key in self._inflight if instance_of(key[1]) == instance]:
             del self._inflight[key]
+
+    def _check(self, raw: bytes) -> bool:
+        """Whether a value read from Redis is strict JSON (another writer, or a bug, may
+        have stored anything): what is not is a miss, fetched again and overwritten. Each
+        distinct value is parsed once; a warm page then costs one hash lookup per id."""
+        try:
+            jsonutil.loads(raw)
+        except (ValueError, RecursionError):
+            if not self._warned_invalid:
+                self._warned_invalid = True
+                log.warning("cache.invalid_value", sample=repr(raw[:80]))
+            return False
+        if len(self._checked) >= _MAX_CHECKED:
+            self._checked.clear()
+        self._checked.add(hash(raw))
+        return True
 
     def _count(self, instance: str, hits: int, misses: int) -> None:
         counts = self._counts.pop(instance, None) or [0, 0]

@@ -311,3 +311,26 @@ class TestFailedBatches:
         again = await service.get("/contacts?instance=acme&per_page=20")
         assert again.headers["x-enrichment"] == "complete"
         assert "crm;dur" in again.headers["server-timing"], "fetched again, at once"
+
+
+class TestForeignValues:
+    @pytest.mark.parametrize("stored", [b"{not json", b'{"id":1,"x":NaN}', b"\xff\xfe"])
+    async def test_a_value_in_redis_that_is_not_strict_json_is_a_miss_and_is_replaced(
+        self, service: Service, sim: Sim, redis_server: RedisServer, stored: bytes
+    ) -> None:
+        page = "/contacts?instance=acme&per_page=5"
+        first = (await service.get(page)).json()
+        await service.settle()
+        customer_id = next(c["customerId"] for c in first["data"] if c["customer"])
+        key = f"customer:acme:{customer_id}"
+        redis_server.client().set(key, stored, ex=300)  # another writer, or a bug
+        sim.state.reset()
+
+        response = await service.get(page)
+        await service.settle()
+
+        assert response.json() == first, "served from the CRM, as it was"
+        assert sim.stats()["ids_requested"]["customers"] == 1, "only that id was a miss"
+        assert json.loads(redis_server.client().get(key)) == next(
+            c["customer"] for c in first["data"] if c["customerId"] == customer_id
+        )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-import redis.exceptions
 
 from app.breaker import CircuitBreaker
-from app.cache import Cache, _Script
+from app.cache import Cache
 from app.config import Settings
 from app.redis_client import build_redis
 from tests.support.procs import RedisServer
@@ -240,28 +237,25 @@ class TestBatchScripts:
         assert client.exists("lease:a") == 0, "the lease is released all the same"
         assert cache.breaker.allow()
 
-    async def test_a_failed_script_call_cancels_the_calls_not_sent_yet(
-        self, cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    async def test_a_large_batch_goes_out_in_one_pipeline_and_a_refusal_stops_nothing(
+        self, cache: Cache, redis_server: RedisServer
     ) -> None:
-        real = _Script.__call__
-        calls: list[str] = []
+        client = redis_server.client()
+        leases = [f"lease:{n}" for n in range(1500)]
+        assert await cache.take_leases(leases, "me", 5000) == [True] * 1500
+        values = [(f"v:{n}", b"%d" % n, 0 if n == 1200 else 60) for n in range(2500)]
+        before = int(client.info("stats")["total_connections_received"])
 
-        async def flaky(self: _Script, client: Any, keys: Any, args: Any = ()) -> Any:
-            calls.append(keys[0])
-            if keys[0] == "lease:1000":
-                raise redis.exceptions.ConnectionError("reset by peer")
-            if keys[0] == "lease:0":
-                await asyncio.sleep(0.2)  # not sent yet when its sibling fails
-            return await real(self, client, keys, args)
+        stored = await cache.write_raw(values, release=leases, token="me")
 
-        monkeypatch.setattr(_Script, "__call__", flaky)
-
-        taken = await cache.take_leases([f"lease:{n}" for n in range(2000)], "me", 5000)
-        await asyncio.sleep(0.3)
-
-        assert taken is None
-        assert sorted(calls) == ["lease:0", "lease:1000"]
-        assert redis_server.client().keys("lease:*") == [], "the slow call never ran"
+        assert stored is False, "Redis refused EX 0 in the second call: the call says so"
+        assert client.exists("v:1200") == 0
+        kept = [key for key, _, _ in values if key != "v:1200"]
+        assert client.exists(*kept) == 2499, "the calls around the refused one all ran"
+        assert client.keys("lease:*") == [], "the leases are released all the same"
+        assert int(client.info("stats")["total_connections_received"]) == before, (
+            "one pooled connection: a large batch does not take one per call"
+        )
 
     async def test_scripts_flushed_from_redis_are_loaded_again(
         self, cache: Cache, redis_server: RedisServer

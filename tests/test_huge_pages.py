@@ -1,0 +1,84 @@
+"""SPEC.md "Hostile upstreams and limits": a huge page is served whole, split into Redis
+commands of at most ~1,000 keys, without opening the breaker, leaving leases behind or
+holding up other requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.conftest import Sim, StartService
+from tests.support.procs import RedisServer
+from tests.support.servers import InProcessServer
+
+CONTACTS = 20_000  # 40,000 ids: 40 times the most keys one command may carry
+HUGE_PAGE = orjson.dumps(
+    {"data": [{"id": n, "customerId": n, "userId": n} for n in range(1, CONTACTS + 1)]}
+)
+
+
+@pytest.fixture
+async def huge_contacts_api() -> AsyncIterator[str]:
+    """A contacts API whose every page has `CONTACTS` contacts (the CRM is the simulator)."""
+
+    async def contacts(_: Request) -> Response:
+        return Response(HUGE_PAGE, media_type="application/json")
+
+    server = await InProcessServer(
+        Starlette(routes=[Route("/{instance}/contacts", contacts)])
+    ).start()
+    yield server.url
+    await server.stop()
+
+
+class TestHugePage:
+    async def test_is_served_whole_in_small_commands_without_tripping_anything(
+        self,
+        start_service: StartService,
+        huge_contacts_api: str,
+        sim: Sim,
+        redis_server: RedisServer,
+    ) -> None:
+        service = await start_service(whatsapp_api_url=huge_contacts_api, crm_api_url=sim.url)
+        await service.get("/health")
+        redis_server.reset_stats()
+        health_latencies: list[float] = []
+
+        async def probe_health() -> None:
+            while True:
+                started = time.monotonic()
+                assert (await service.get("/health")).status_code == 200
+                health_latencies.append(time.monotonic() - started)
+                await asyncio.sleep(0.02)
+
+        prober = asyncio.create_task(probe_health())
+        try:
+            cold = await service.get("/contacts?instance=acme")
+            await service.settle()
+        finally:
+            prober.cancel()
+        mgets = redis_server.command_counts().get("mget")
+        warm = await service.get("/contacts?instance=acme")
+        metrics = (await service.get("/metrics")).text
+        client = redis_server.client()
+
+        assert cold.status_code == 200
+        assert cold.headers["x-enrichment"] == "complete"
+        assert len(cold.json()["data"]) == CONTACTS
+        assert mgets == 2 * CONTACTS // 1000, "one MGET per 1,000 keys, none larger"
+        assert client.keys("lease:*") == [], "no lease left behind"
+        stored = sum(1 for _ in client.scan_iter(match="*:acme:*", count=10_000))
+        assert stored == 2 * CONTACTS, "every value stored (found or null)"
+        assert warm.json() == cold.json()
+        assert "crm" not in warm.headers["server-timing"], "all hits"
+        assert "redis_circuit_open 0.0" in metrics, "the breaker never opened"
+        assert health_latencies
+        assert max(health_latencies) < 1.0, "other requests kept being served"
