@@ -953,7 +953,12 @@ async def _burst(http: aiohttp.ClientSession, url: str, n: int) -> None:
 
 
 #: what the overload scenario reads from each service's /metrics around a run
-_OVERLOAD_COUNTERS = ("redis_errors_total", "cache_misses_total", "crm_ids_fetched_total")
+_OVERLOAD_COUNTERS = (
+    "redis_errors_total",
+    "cache_misses_total",
+    "crm_ids_fetched_total",
+    "admission_shed_total",
+)
 
 
 async def overload(ctx: Context) -> Section:
@@ -1001,6 +1006,8 @@ async def overload(ctx: Context) -> Section:
             "Redis errors",
             "ids read as misses / request",
             "CRM ids fetched",
+            "shed (503)",
+            "goodput req/s",
             "HTTP errors",
         ],
     )
@@ -1019,6 +1026,13 @@ async def overload(ctx: Context) -> Section:
                 sum(d["cache_misses_total"] for d in counted) / requests if requests else 0.0
             ),
             "crm_ids_fetched": sum(d["crm_ids_fetched_total"] for d in counted),
+            "shed": sum(d["admission_shed_total"] for d in counted),
+            "goodput": median(
+                [
+                    r.rps * (1 - d["admission_shed_total"] / r.requests) if r.requests else 0.0
+                    for r, d in zip(results, counted, strict=True)
+                ]
+            ),
             "http_errors": sum(r.errors for r in results),
             "requests": requests,
         }
@@ -1033,6 +1047,8 @@ async def overload(ctx: Context) -> Section:
                 f"{row['redis_errors']:g}",
                 f"{row['misses_per_request']:.2f}",
                 f"{row['crm_ids_fetched']:g}",
+                f"{row['shed']:g}",
+                f"{row['goodput']:,.0f}",
                 str(row["http_errors"]),
             ]
         )
@@ -1048,7 +1064,9 @@ async def overload(ctx: Context) -> Section:
         " cached page of the warm scenario; counters from each service's /metrics. `service`"
         " runs with the default MAX_ACTIVE_REQUESTS; the other with no effective limit"
         f" ({UNLIMITED:,}). Throughput, service / no limit: {ratio:.2f}× (median of"
-        " per-round ratios)."
+        " per-round ratios). Shed: requests refused with 503 after"
+        " ADMISSION_QUEUE_TIMEOUT_SECONDS (admission_shed_total); goodput: req/s less those."
+        " wrk's latencies include the shed replies."
     )
     return section
 
