@@ -19,7 +19,17 @@ class Settings(BaseSettings):
     crm_api_token: SecretStr | None = None
     upstream_timeout_seconds: float = Field(10.0, gt=0)
     upstream_batch_size: int = Field(100, ge=1, le=100)
-    upstream_max_connections: int = Field(200, ge=1)
+    upstream_max_connections: int = Field(
+        200,
+        ge=1,
+        description="Connections of each upstream pool (the contacts API and the CRM have one).",
+    )
+    upstream_max_calls_per_instance: int = Field(
+        100,
+        ge=1,
+        description="Concurrent calls of one instance to each upstream API; more wait for a turn "
+        "within UPSTREAM_TIMEOUT_SECONDS, so one hanging tenant cannot hold a whole pool.",
+    )
     upstream_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_active_requests: int = Field(32, ge=1)
     admission_queue_timeout_seconds: float = Field(2.0, gt=0)
