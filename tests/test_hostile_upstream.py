@@ -19,7 +19,7 @@ from app.upstream import AiohttpClient, CrmError, Upstream
 from tests.conftest import Service, StartService
 from tests.support import hostile
 from tests.support.hostile import HostileUpstream
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, eventually
 
 MIB = 1024 * 1024
 BOUND = MIB  # UPSTREAM_MAX_BODY_BYTES of the in-process services below
@@ -351,3 +351,259 @@ class TestStrictJson:
         assert response.status_code == 200
         assert response.headers["x-enrichment"] == "complete"
         assert response.json()["data"][0]["customer"]["x"] == response.json()["data"][0]["x"]
+
+
+CRASHED_PARSING = {
+    "100000-levels-exact": b'{"data": [{"id": 1, "big": '
+    + BIG
+    + b', "x": '
+    + nested(100_000)
+    + b"}]}",
+    "lone-surrogate-exact": b'{"data": [{"id": 1, "big": ' + BIG + b', "x": "\\ud800"}]}',
+    "300-levels": b'{"data": [{"id": 1, "x": ' + nested(300) + b"}]}",
+    "data-not-a-list": b'{"data": {"id": 1}}',
+    "not-an-object": b"[1, 2]",
+    "truncated": b'{"data": [{"id": 1',
+}
+
+
+class TestCrmFailuresAreOnlyCrmErrors:
+    @pytest.mark.parametrize("content", CRASHED_PARSING.values(), ids=CRASHED_PARSING.keys())
+    async def test_any_unusable_answer_leaves_entities_as_crm_error(
+        self, both_clients: Upstream, upstream_server: HostileUpstream, content: bytes
+    ) -> None:
+        upstream_server.answers["users"] = hostile.body(content)
+        with pytest.raises(CrmError):
+            await both_clients.entities("user", "acme", ["1"], None, "r")
+
+    async def test_the_failed_batch_is_logged_with_the_request_id_and_retried_next_time(
+        self,
+        start_service: StartService,
+        upstream_server: HostileUpstream,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        upstream_server.answers["customers"] = hostile.body(CRASHED_PARSING["100000-levels-exact"])
+        first = await service.get("/contacts?instance=acme", headers={"x-request-id": "req-8"})
+        await service.settle()
+        del upstream_server.answers["customers"]
+        second = await service.get("/contacts?instance=acme")
+
+        assert first.headers["x-enrichment"] == "partial"
+        failed = [r.msg for r in caplog.records if "crm.batch_failed" in str(r.msg)]
+        assert failed
+        assert all("req-8" in str(msg) for msg in failed), failed
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert second.headers["x-enrichment"] == "complete"
+        assert second.json()["data"][0]["customer"] == {"id": 1, "name": "one"}
+
+
+async def raw_get(url: str, target: str, *headers: bytes) -> bytes:
+    """One HTTP/1.1 GET written byte for byte on a socket; the whole answer as received."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        lines = [f"GET {target} HTTP/1.1".encode(), f"Host: {host}".encode(), *headers]
+        writer.write(b"\r\n".join([*lines, b"Connection: close", b"", b""]))
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+class TestAuthorizationBytes:
+    async def test_reach_both_upstreams_as_the_caller_sent_them(
+        self, start_service: StartService, upstream_server: HostileUpstream
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        answer = await raw_get(
+            service.url, "/contacts?instance=acme", b"Authorization: Bearer caf\xe9 \x80\xff!"
+        )
+
+        assert answer.startswith(b"HTTP/1.1 200")
+        for route in ("contacts", "customers", "users"):
+            [request] = upstream_server.requests_to(route)
+            assert request.header(b"authorization") == b"Bearer caf\xe9 \x80\xff!", route
+
+    async def test_utf8_bytes_are_not_encoded_twice(
+        self, start_service: StartService, upstream_server: HostileUpstream
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        await raw_get(service.url, "/contacts?instance=acme", "Authorization: café ✓".encode())
+
+        [request] = upstream_server.requests_to("contacts")
+        assert request.header(b"authorization") == "café ✓".encode()
+
+    async def test_both_clients_send_the_same_bytes(
+        self, both_clients: Upstream, upstream_server: HostileUpstream
+    ) -> None:
+        await both_clients.contacts("acme", "", "Bearer caf\xe9", "r")
+        await both_clients.entities("user", "acme", ["1"], "Bearer caf\xe9", "r")
+
+        for route in ("contacts", "users"):
+            [request] = upstream_server.requests_to(route)
+            assert request.header(b"authorization") == b"Bearer caf\xe9"
+
+
+class TestUpstreamErrorBodies:
+    @pytest.mark.parametrize(
+        ("content", "content_type"),
+        [
+            (b"<html><script>alert(document.cookie)</script></html>", "text/html"),
+            (b"<script>alert(1)</script>", "application/json"),  # a lying content type
+            (b"Forbidden", "text/plain"),
+            (b"", "application/json"),
+            (b'{"error": NaN}', "application/json"),
+        ],
+        ids=["html", "html-labelled-json", "text", "empty", "not-strict-json"],
+    )
+    async def test_a_4xx_that_is_not_json_becomes_a_json_detail_with_its_status(
+        self,
+        start_service: StartService,
+        upstream_server: HostileUpstream,
+        content: bytes,
+        content_type: str,
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        upstream_server.answers["contacts"] = hostile.body(content, 400, content_type)
+        response = await service.get("/contacts?instance=acme")
+
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.json() == {"detail": "upstream contacts API answered 400"}
+
+    @pytest.mark.parametrize("content_type", ["application/json", "text/plain", "text/html"])
+    async def test_a_json_4xx_is_relayed_unchanged_as_json(
+        self,
+        start_service: StartService,
+        upstream_server: HostileUpstream,
+        content_type: str,
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        content = b'{"error": "quota", "id": ' + BIG + b"}"
+        upstream_server.answers["contacts"] = hostile.body(content, 429, content_type)
+        response = await service.get("/contacts?instance=acme")
+
+        assert response.status_code == 429
+        assert response.headers["content-type"] == "application/json"
+        assert response.content == content
+
+    @pytest.mark.parametrize(
+        ("path", "status"),
+        [
+            ("/contacts?instance=acme", 200),
+            ("/contacts?instance=BAD", 422),
+            ("/health", 200),
+            ("/metrics", 200),
+            ("/nowhere", 404),
+            ("/cache/acme/stats", 404),
+        ],
+    )
+    async def test_every_response_says_nosniff(
+        self, start_service: StartService, upstream_server: HostileUpstream, path: str, status: int
+    ) -> None:
+        service = await service_on(start_service, upstream_server)
+        response = await service.get(path)
+
+        assert response.status_code == status
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+    async def test_even_an_internal_error_says_nosniff(self) -> None:
+        from app.middleware import RequestContextMiddleware
+
+        async def broken(scope: Any, receive: Any, send: Any) -> None:
+            raise RuntimeError("bug")
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""}
+        await RequestContextMiddleware(broken)(scope, None, send)  # type: ignore[arg-type]
+
+        assert sent[0]["status"] == 500
+        assert (b"x-content-type-options", b"nosniff") in sent[0]["headers"]
+
+
+def stuck_contacts(stuck_instance: str) -> hostile.Answer:
+    """The contacts API: hangs for one instance, answers the others at once."""
+    hang, healthy = hostile.hang(), hostile.body(b'{"data": [{"customerId": 1, "userId": 1}]}')
+
+    async def answer(request: hostile.RawRequest, writer: asyncio.StreamWriter) -> None:
+        await (hang if f"/{stuck_instance}/" in request.path else healthy)(request, writer)
+
+    return answer
+
+
+class TestOneHangingTenant:
+    async def test_does_not_delay_a_healthy_tenant(
+        self, start_service: StartService, upstream_server: HostileUpstream
+    ) -> None:
+        # The defaults: 200 connections per pool, at most 100 calls per instance.
+        service = await service_on(start_service, upstream_server, upstream_timeout_seconds=8)
+        upstream_server.answers["contacts"] = stuck_contacts("stuck")
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits) as client:
+            hammering = [
+                asyncio.create_task(client.get("/contacts?instance=stuck")) for _ in range(250)
+            ]
+            try:
+                await eventually(
+                    lambda: upstream_server.open_connections >= 100, 20, message="100 calls held"
+                )
+                started = time.monotonic()
+                healthy = await client.get("/contacts?instance=healthy")
+                elapsed = time.monotonic() - started
+                held = upstream_server.open_connections
+            finally:
+                stuck = await asyncio.gather(*hammering)
+
+        assert healthy.status_code == 200
+        assert healthy.json()["data"][0]["customer"] == {"id": 1, "name": "one"}
+        print(f"healthy tenant served in {elapsed * 1000:.0f} ms beside 250 hanging calls")
+        assert elapsed < 2, f"the healthy tenant waited {elapsed:.1f} s"
+        assert held <= 100, "one instance holds at most its share of the pool"
+        assert {r.status_code for r in stuck} == {504}
+        turns = service.resources["contacts"]._upstream._contacts_turns
+        assert turns.tracked() == 0, "no bookkeeping is left for an idle instance"
+
+    async def test_waiting_for_a_turn_counts_against_the_deadline(
+        self, start_service: StartService, upstream_server: HostileUpstream
+    ) -> None:
+        service = await service_on(
+            start_service,
+            upstream_server,
+            upstream_timeout_seconds=1,
+            upstream_max_calls_per_instance=1,
+        )
+        upstream_server.answers["contacts"] = stuck_contacts("stuck")
+        started = time.monotonic()
+        first, second = await asyncio.gather(
+            service.get("/contacts?instance=stuck"), service.get("/contacts?instance=stuck")
+        )
+        elapsed = time.monotonic() - started
+
+        assert (first.status_code, second.status_code) == (504, 504)
+        assert len(upstream_server.requests_to("contacts")) == 1, "the second never got a turn"
+        assert elapsed < 1.9, "one deadline, not the turn's wait plus a deadline"
+
+
+class TestPerInstanceLimit:
+    async def test_keeps_no_entry_for_an_instance_nobody_uses(self) -> None:
+        from app.instance_limit import PerInstanceLimit
+
+        limit = PerInstanceLimit(1)
+        for i in range(10_000):
+            await limit.acquire(f"tenant-{i}")
+            limit.release(f"tenant-{i}")
+        await limit.acquire("a")
+        waiter = asyncio.create_task(limit.acquire("a"))
+        await asyncio.sleep(0.01)
+        assert not waiter.done(), "a second call of the same instance waits"
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        limit.release("a")
+
+        assert limit.tracked() == 0

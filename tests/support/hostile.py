@@ -87,6 +87,8 @@ class HostileUpstream:
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: what a hostile answer is for
+        except asyncio.CancelledError:
+            pass  # stop(): ends quietly (asyncio would log a cancelled handler as an error)
         finally:
             self.open_connections -= 1
             writer.close()
