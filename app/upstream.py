@@ -87,7 +87,8 @@ class _Latin1HeadersRequest(aiohttp.ClientRequest):
 
     async def send(self, conn: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
         protocol = conn.protocol
-        if protocol is None or all(value.isascii() for value in self.headers.values()):
+        # Only Authorization can carry such bytes: every other header is ours, and ASCII.
+        if protocol is None or self.headers.get("authorization", "").isascii():
             return await super().send(conn)
         transport = protocol.transport
         protocol.transport = _Latin1Writes(transport)  # type: ignore[assignment]
@@ -169,7 +170,7 @@ class Upstream:
         timeout: float,
         crm_http: HttpClient | None = None,
         max_body_bytes: int = 32 * 1024 * 1024,
-        max_calls_per_instance: int = 50,
+        max_calls_per_instance: int = 100,
     ) -> None:
         self._http = http
         self._crm_http = crm_http or http
