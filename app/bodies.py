@@ -41,6 +41,7 @@ class BoundedBody:
             raise BadEncoding(f"unexpected content encoding {encoding[:40]!r}")
         self._encoding = encoding
         self._inflater: zlib._Decompress | None = None
+        self._head = b""
 
     def check_length(self, content_length: str | None) -> None:
         """Refuse at once an uncompressed body announced larger than the limit."""
@@ -55,6 +56,12 @@ class BoundedBody:
             self._append(chunk)
             return
         data = chunk
+        if self._encoding == "deflate" and self._inflater is None:
+            # Two bytes tell a zlib header from raw deflate: wait for the second.
+            data, self._head = self._head + chunk, b""
+            if len(data) < 2:
+                self._head = data
+                return
         while data:
             inflater = self._next_inflater(data)
             try:
@@ -73,7 +80,7 @@ class BoundedBody:
     def finish(self) -> bytearray:
         """The whole decoded body; raises `BadEncoding` when compressed data was cut short."""
         # (An empty body with a content-encoding header has nothing to inflate.)
-        if self._inflater is not None and not self._inflater.eof:
+        if self._head or (self._inflater is not None and not self._inflater.eof):
             raise BadEncoding("compressed body ends before its end of stream")
         return self._data
 
