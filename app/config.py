@@ -42,7 +42,17 @@ class Settings(BaseSettings):
         100, ge=1, le=100, description="Ids per CRM call (the CRM refuses more than 100)."
     )
     upstream_max_connections: int = Field(
-        200, ge=1, description="Connections kept open to the upstreams, per process."
+        200,
+        ge=1,
+        description="Connections of each upstream pool, per process: the contacts API and the"
+        " CRM have one each.",
+    )
+    upstream_max_calls_per_instance: int = Field(
+        100,
+        ge=1,
+        description="Concurrent calls of one instance to each upstream API, per process; more"
+        " wait for a turn within UPSTREAM_TIMEOUT_SECONDS, so one hanging tenant cannot hold a"
+        " whole pool.",
     )
     upstream_max_body_bytes: int = Field(
         32 * 1024 * 1024,

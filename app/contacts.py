@@ -8,7 +8,6 @@ objects are spliced in as raw JSON (`orjson.Fragment`), never re-parsed.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +17,7 @@ import structlog
 from app import jsonutil, metrics
 from app.admission import Admission, Slot
 from app.entities import ENTITIES, Entity
-from app.errors import ClientGone
+from app.errors import BadGateway, ClientGone
 from app.resolver import EntityResolver, Resolution
 from app.upstream import ContactsPage, Upstream
 from app.validation import normalize_id
@@ -121,7 +120,16 @@ class ContactsService:
         resolution = await self._resolver.resolve(
             instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id, slot=slot
         )
-        body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
+        try:
+            body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
+        except jsonutil.InvalidJSON as exc:
+            # The page parsed, yet cannot be written as strict JSON (nested too deeply).
+            log.warning(
+                "contacts.unservable_page", instance=instance, error=str(exc), request_id=request_id
+            )
+            raise BadGateway(
+                "upstream contacts API answered a page that cannot be served"
+            ) from None
         enrichment: Enrichment = (
             "partial" if not resolution.complete else "stale" if resolution.stale else "complete"
         )
@@ -150,9 +158,10 @@ def _assemble(
     """Add `customer` and `user` to each item and encode the page once.
 
     `exact` bodies (integers orjson cannot hold) are encoded by the standard
-    library, so the cached objects are parsed there instead of spliced.
+    library, so the cached objects are parsed there instead of spliced. Raises
+    `jsonutil.InvalidJSON` when the page cannot be strict JSON.
     """
-    embed = json.loads if exact else jsonutil.Fragment
+    embed = jsonutil.loads if exact else jsonutil.Fragment
     embedded: dict[Entity, dict[str, object]] = {
         entity: {
             entity_id: embed(raw)
@@ -165,4 +174,4 @@ def _assemble(
     for item, (customer_id, user_id) in zip(items, refs, strict=True):
         item["customer"] = customers.get(customer_id) if customer_id is not None else None
         item["user"] = users.get(user_id) if user_id is not None else None
-    return jsonutil.dumps(body)
+    return jsonutil.dumps(body, exact=exact)

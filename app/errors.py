@@ -45,13 +45,13 @@ class ClientGone(AppError):
 
 
 class UpstreamRejected(Exception):
-    """The WhatsApp API answered 4xx: its status and body go to the caller unchanged."""
+    """The WhatsApp API answered 4xx: its status goes to the caller, with `body`, always JSON
+    (the upstream's own when it was JSON, else `{"detail": ...}`: app.upstream decides)."""
 
-    def __init__(self, status_code: int, body: bytes, content_type: str) -> None:
+    def __init__(self, status_code: int, body: bytes) -> None:
         super().__init__(status_code)
         self.status_code = status_code
         self.body = body
-        self.content_type = content_type
 
 
 async def app_error_handler(_: Request, exc: Exception) -> Response:
@@ -66,7 +66,7 @@ async def app_error_handler(_: Request, exc: Exception) -> Response:
 
 async def upstream_rejected_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, UpstreamRejected)
-    return Response(exc.body, status_code=exc.status_code, media_type=exc.content_type)
+    return Response(exc.body, status_code=exc.status_code, media_type="application/json")
 
 
 class NotFound(AppError):

@@ -33,7 +33,11 @@ class State(TypedDict):
 
 
 def build_http_client(settings: Settings) -> AiohttpClient:
-    """One pooled client for both upstreams, on aiohttp (see app.upstream and bench/README.md)."""
+    """One pooled client for one upstream API, on aiohttp (see app.upstream and bench/README.md).
+
+    The contacts API and the CRM get one each: a pool of their own, so one that
+    hangs cannot take the other's connections.
+    """
     return AiohttpClient(max_connections=settings.upstream_max_connections)
 
 
@@ -51,6 +55,7 @@ def lifespan_for(settings: Settings) -> object:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         http = build_http_client(settings)
+        crm_http = build_http_client(settings)
         client = build_redis(settings) if settings.use_redis else None
         if client is not None:
             warm_up(client)
@@ -68,6 +73,9 @@ def lifespan_for(settings: Settings) -> object:
             crm_url=settings.crm_api_url,
             crm_token=settings.crm_api_token.get_secret_value() if settings.crm_api_token else None,
             timeout=settings.upstream_timeout_seconds,
+            crm_http=crm_http,
+            max_body_bytes=settings.upstream_max_body_bytes,
+            max_calls_per_instance=settings.upstream_max_calls_per_instance,
         )
         resolver = EntityResolver(
             cache,
@@ -106,6 +114,7 @@ def lifespan_for(settings: Settings) -> object:
         finally:
             await resolver.drain(_DRAIN_SECONDS)
             await http.aclose()
+            await crm_http.aclose()
             await cache.close()
             log.info("service.stop")
 

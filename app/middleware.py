@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: the request id, one log line per request, and request metrics."""
+"""Pure-ASGI middleware: the request id, one log line per request, request metrics, nosniff."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 # Probes and scrapes arrive every few seconds: their lines are debug, not info.
 _QUIET_ROUTES: Final = frozenset({"/health", "/metrics"})
 _INTERNAL_ERROR: Final = dumps({"detail": "internal error"})
+# Every response: a browser never guesses a type other than the one declared.
+_NOSNIFF: Final = (b"x-content-type-options", b"nosniff")
 
 log = structlog.get_logger("app.access")
 
 
 class RequestContextMiddleware:
-    """Binds `X-Request-ID` (the caller's, or a new one) for every log line and echoes it.
+    """Binds `X-Request-ID` (the caller's, or a new one) for every log line and echoes it,
+    with `X-Content-Type-Options: nosniff`.
 
     Handlers add fields to the request's log line through `scope["state"]["log"]`.
     An exception no handler turned into a response becomes a JSON 500 here, so the
@@ -47,14 +50,14 @@ class RequestContextMiddleware:
         status = 500
         response_started = False
         started = time.perf_counter()
-        header = (b"x-request-id", request_id.encode())
+        added = [(b"x-request-id", request_id.encode()), _NOSNIFF]
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", ()), header]
+                message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
