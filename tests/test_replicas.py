@@ -88,8 +88,10 @@ async def test_what_one_replica_cached_is_a_hit_on_the_others(cluster: Cluster) 
     )
     redis = cluster.redis.client()
     await eventually(  # the values, not the leases taken meanwhile
-        lambda: sum(1 for p in ("customer:*", "user:*") for _ in redis.scan_iter(p, 1000))
-        >= expected_keys,
+        lambda: (
+            sum(1 for p in ("customer:*", "user:*") for _ in redis.scan_iter(p, 1000))
+            >= expected_keys
+        ),
         message="the first replica stored the page's customers and users",
     )
     cluster.sim.reset()
