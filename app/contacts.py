@@ -14,7 +14,7 @@ from typing import Literal
 
 import structlog
 
-from app import jsonutil, metrics
+from app import jsonutil, memory, metrics
 from app.admission import Admission, Slot
 from app.entities import ENTITIES, Entity
 from app.errors import BadGateway, ClientGone
@@ -120,6 +120,8 @@ class ContactsService:
         resolution = await self._resolver.resolve(
             instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id, slot=slot
         )
+        if huge:
+            memory.release_soon()  # what this page allocated is freed when it is sent
         try:
             body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
         except jsonutil.InvalidJSON as exc:

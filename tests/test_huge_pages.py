@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -16,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.conftest import Sim, StartService
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, eventually
 from tests.support.servers import InProcessServer
 
 CONTACTS = 20_000  # 40,000 ids: 40 times the most keys one command may carry
@@ -82,3 +83,47 @@ class TestHugePage:
         assert "redis_circuit_open 0.0" in metrics, "the breaker never opened"
         assert health_latencies
         assert max(health_latencies) < 1.0, "other requests kept being served"
+
+
+def current_rss(pid: int) -> int:
+    """The process's resident memory now (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+class TestMemoryAfterAHugePage:
+    async def test_is_given_back_to_the_system(self, huge_contacts_api: str) -> None:
+        from tests.support.hostile import HostileUpstream
+        from tests.support.replicas import ServiceProcess
+
+        crm = await HostileUpstream().start()  # knows one customer and one user: others null
+        service = ServiceProcess(
+            {
+                "WHATSAPP_API_URL": huge_contacts_api,
+                "CRM_API_URL": crm.url,
+                "USE_REDIS": "false",
+                "LOG_LEVEL": "warning",
+            }
+        )
+        await asyncio.to_thread(service.start)
+        try:
+            async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+                assert (await client.get("/health")).status_code == 200
+                idle = current_rss(service.pid)
+                response = await client.get("/contacts?instance=acme")
+                peak = current_rss(service.pid)
+                grown = peak - idle
+                await eventually(
+                    lambda: current_rss(service.pid) < idle + grown / 2,
+                    timeout=20,
+                    message="half of what the page took is given back",
+                )
+        finally:
+            service.stop()
+            await crm.stop()
+
+        assert response.status_code == 200
+        assert grown > 20 * 1024 * 1024, "the page took memory worth giving back"
