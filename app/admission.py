@@ -6,17 +6,17 @@ Redis sent in well under a millisecond waits its turn behind every other
 request's work (and the pooled connections are all held meanwhile), the
 deadline passes, and a healthy Redis is counted as failing: the page is read
 as misses, and failures in a row open the breaker, so overload becomes more
-work (README, "Overload"). Requests beyond the limit therefore wait their
-turn, first come first served, once their contacts page is in and parsed,
-before they read its ids, read Redis and encode the answer. A request
-waiting for the CRM gives its turn back meanwhile, so a slow upstream never
+work (docs/design.md, "Overload"). Requests beyond the limit therefore wait
+their turn, first come first served, before they do anything: parse their
+page, read its ids and Redis, encode the answer. A request waiting on the
+contacts API or the CRM gives its turn back meanwhile, so a slow upstream never
 holds back pages that are cached, and takes it again ahead of the requests
 not yet begun. Background work (leases, cache writes, refreshes) takes no turn.
 
 The queue is bounded in time, not unbounded: a new request that has not had its
 turn within `ADMISSION_QUEUE_TIMEOUT_SECONDS` is refused (503 with `Retry-After`)
-before it touches Redis or the CRM, so overload is shed instead of turning into
-latency for everyone. Resumed requests are never shed: their CRM work is done.
+before any work, so overload is shed instead of turning into latency for
+everyone. Resumed requests are never shed: their upstream calls are done.
 """
 
 from __future__ import annotations

@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     max_active_requests: int = Field(
         32,
         ge=1,
-        description="/contacts requests that read Redis and build their answer at once, per"
-        " process; the others wait their turn, in order. The contacts call and the wait for the"
-        " CRM hold no turn.",
+        description="/contacts requests that do CPU work at once (parse the page, read Redis,"
+        " build the answer), per process; the others wait their turn, in order. The waits on"
+        " the contacts API and the CRM hold no turn.",
     )
     admission_queue_timeout_seconds: float = Field(
         2.0,

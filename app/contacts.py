@@ -64,14 +64,17 @@ class ContactsService:
     ) -> EnrichedPage:
         """The enriched page; raises `ClientGone` when the client left while the request
         waited for its turn (`client_gone` tells), and the upstream's errors."""
-        page = await self._upstream.contacts(instance, query, authorization, request_id)
-        # The work from here runs in turn with at most MAX_ACTIVE_REQUESTS others
-        # (app.admission); the wait for the CRM gives the turn back.
+        # A request starts in turn with at most MAX_ACTIVE_REQUESTS others (app.admission),
+        # or is shed before any work; it gives the turn back while it waits on the contacts
+        # API and on the CRM, and takes it again ahead of the requests not yet started.
         async with self._admission.slot() as slot:
-            # Under overload, no Redis read for nobody. (Starlette's check reads the request's
+            # Under overload, no work for nobody. (Starlette's check reads the request's
             # one body message: fine for this bodiless GET, which never reads its body.)
             if slot.waited and client_gone is not None and await client_gone():
                 raise ClientGone()
+            slot.pause()
+            page = await self._upstream.contacts(instance, query, authorization, request_id)
+            await slot.resume()
             return await self._enrich(instance, page, authorization, request_id, slot)
 
     async def _enrich(

@@ -335,8 +335,8 @@ class TestAdmissionInTheService:
         assert 'http_requests_total{method="GET",route="/contacts",status="499"}' in metrics
         assert (admission.active, admission.queued) == (0, 0)
 
-    async def test_a_request_without_a_turn_in_time_gets_503_before_touching_redis(
-        self, start_service: StartService, redis_server: RedisServer
+    async def test_a_request_without_a_turn_in_time_gets_503_before_any_work(
+        self, start_service: StartService, redis_server: RedisServer, sim: Sim
     ) -> None:
         service = await start_service(
             max_active_requests=1, redis_timeout_seconds=30, admission_queue_timeout_seconds=0.2
@@ -345,11 +345,15 @@ class TestAdmissionInTheService:
         await service.settle()
         admission: Admission = service.resources["admission"]
         redis_server.reset_stats()
+        sim.state.reset()
 
         redis_server.pause()  # the first request holds the only turn, in its MGET
         try:
             holder = asyncio.create_task(service.get(_PAGE))
-            await eventually(lambda: admission.active == 1, message="the turn is taken")
+            await eventually(
+                lambda: admission.active == 1 and sim.stats()["calls"]["contacts"] == 1,
+                message="the turn is taken, for the Redis read",
+            )
             shed = await service.get(_PAGE)
         finally:
             redis_server.resume()
@@ -361,6 +365,7 @@ class TestAdmissionInTheService:
         assert shed.headers["content-type"] == "application/json"
         assert shed.json() == {"detail": "overloaded: try again shortly"}
         assert redis_server.command_counts().get("mget") == 1, "the shed request read nothing"
+        assert sim.stats()["calls"]["contacts"] == 1, "nor asked for its page: only the holder"
         assert 'http_requests_total{method="GET",route="/contacts",status="503"}' in metrics
         assert _metric(metrics, "admission_shed_total") >= 1
         assert (admission.active, admission.queued) == (0, 0)
