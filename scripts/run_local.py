@@ -108,8 +108,8 @@ def main() -> None:
     env.setdefault("LOG_FORMAT", "console")
     procs.append(
         subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(port), "--no-access-log"],
+            # The served configuration (app.server), as in the Docker image.
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=env,
         )
