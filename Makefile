@@ -63,9 +63,11 @@ bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Newest versions within pyproject.toml's ranges, and uv's own pin; review the
-# diff of uv.lock, run `make test`, commit both files.
+# diff of uv.lock, run `make test`, commit both files. After editing a dependency
+# in pyproject.toml, `make lock LOCK_ARGS=` resolves only what changed.
+LOCK_ARGS ?= --upgrade
 lock: $(UV)
-	$(UV) lock --upgrade
+	$(UV) lock $(LOCK_ARGS)
 	echo "uv==$(UV_VERSION)" | $(UV) pip compile - --universal --generate-hashes --no-header \
 		--quiet --output-file requirements-uv.txt
 
