@@ -67,8 +67,9 @@ ENVIRONMENT_ONLY: tuple[EnvOnly, ...] = (
     EnvOnly(
         "WEB_CONCURRENCY",
         "`1`",
-        "deploy/docker-entrypoint.sh",
-        "uvicorn worker processes per container of the Docker image.",
+        "app/server.py",
+        "uvicorn worker processes of `python -m app` (the Docker image's command) when"
+        " `--workers` is not given.",
     ),
     EnvOnly(
         "NO_COLOR",
@@ -85,8 +86,9 @@ ENVIRONMENT_ONLY: tuple[EnvOnly, ...] = (
     EnvOnly(
         "PORT",
         "`8000`",
-        "scripts/run_local.py",
-        "`make run`: the service's port on 127.0.0.1.",
+        "app/server.py",
+        "The port of `python -m app` when `--port` is not given; `make run`: the service's"
+        " port on 127.0.0.1.",
     ),
     EnvOnly(
         "SIM_LATENCY_MS",

@@ -208,8 +208,9 @@ def run(children: Children, env: dict[str, str], tmp: str) -> None:
     env.setdefault("LOG_FORMAT", "console")
     children.start(
         "service",
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", HOST, "--port", str(port),
-         "--no-access-log"],
+        # The served configuration (app.server: bounded request heads, idle connections
+        # closed), as in the Docker image.
+        [sys.executable, "-m", "app", "--host", HOST, "--port", str(port)],
         env=env,
     )  # fmt: skip
     base = f"http://{HOST}:{port}"

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import structlog
 
-from app.logging import UVICORN_LOG_CONFIG, configure_logging
+from app.logging import configure_logging
 from simupstream.app import Failure
 from tests.conftest import Service, Sim, StartService
 from tests.support.procs import RedisServer, eventually
@@ -204,17 +204,15 @@ class TestMetricsMoveWithTraffic:
 
 
 class TestMetricsOverSeveralWorkers:
-    """`uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR: any worker's /metrics is the sum."""
+    """`python -m app --workers 2` with PROMETHEUS_MULTIPROC_DIR: any worker's /metrics sums all."""
 
     @pytest.fixture
     def two_workers(
         self, sim: Sim, redis_server: RedisServer, tmp_path: Path
     ) -> Iterator[ServiceProcess]:
         env = service_env(sim.url, redis_server, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
-        log_config = tmp_path / "uvicorn-logging.json"
-        log_config.write_text(json.dumps(UVICORN_LOG_CONFIG))
-        args = ["--log-config", str(log_config)]
-        service = ServiceProcess(env, workers=2, args=args, workdir=tmp_path / "service")
+        # `python -m app` logs uvicorn's own lines (the supervisor's too) as JSON.
+        service = ServiceProcess(env, workers=2, workdir=tmp_path / "service")
         yield service.start()
         service.stop()
 

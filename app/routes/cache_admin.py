@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import structlog
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Response, Security
+from fastapi.security import HTTPBearer
 
 from app import metrics
 from app.deps import AdminDep, CacheDep, InstancePath, ResolverDep
 from app.entities import Entity
 from app.errors import AppError
+from app.routes.schemas import (
+    VALIDATION_FAILED,
+    CachedCounts,
+    Deleted,
+    ErrorDetail,
+    InstanceStats,
+    Responses,
+)
 
 log = structlog.get_logger("app.cache_admin")
+
+# Declares the bearer scheme in the OpenAPI document only (auto_error=False: it never
+# answers by itself); require_admin checks the token.
+_BEARER = HTTPBearer(auto_error=False, description="`ADMIN_TOKEN`")
 
 router = APIRouter(
     prefix="/cache",
     tags=["cache"],
-    dependencies=[AdminDep],
+    dependencies=[AdminDep, Security(_BEARER)],
     responses={
-        401: {"description": "Missing or wrong `Authorization: Bearer <ADMIN_TOKEN>`"},
-        404: {"description": "`ADMIN_TOKEN` is unset: the admin API is off"},
+        401: {
+            "model": ErrorDetail,
+            "description": "Missing or wrong `Authorization: Bearer <ADMIN_TOKEN>`",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        },
+        404: {
+            "model": ErrorDetail,
+            "description": "`ADMIN_TOKEN` is unset: the admin API is off",
+        },
+        **VALIDATION_FAILED,
     },
 )
-_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"description": "Redis is down or disabled; nothing was changed"}
+_UNAVAILABLE: Responses = {
+    503: {"model": ErrorDetail, "description": "Redis is down or disabled; nothing was changed"}
 }
 
 _ENTITY: dict[str, Entity] = {"customers": "customer", "users": "user"}
@@ -70,9 +91,7 @@ async def invalidate_one(
 
 
 @router.delete("/{instance}", responses=_UNAVAILABLE)
-async def clear_instance(
-    instance: InstancePath, cache: CacheDep, resolver: ResolverDep
-) -> dict[str, int]:
+async def clear_instance(instance: InstancePath, cache: CacheDep, resolver: ResolverDep) -> Deleted:
     """Drop every cached customer and user of one instance (SCAN + UNLINK, never KEYS)."""
     resolver.forget_instance(instance)
     deleted = 0
@@ -83,27 +102,27 @@ async def clear_instance(
         deleted += count
     metrics.CACHE_INVALIDATIONS.labels(scope="instance").inc()
     log.info("cache.cleared", instance=instance, deleted=deleted)
-    return {"deleted": deleted}
+    return Deleted(deleted=deleted)
 
 
 @router.get("/{instance}/stats")
 async def instance_stats(
     instance: InstancePath, cache: CacheDep, resolver: ResolverDep
-) -> dict[str, object]:
+) -> InstanceStats:
     """Keys cached for the instance (shared Redis) and this process's hits and misses for it."""
     counts: dict[str, int | None] = {}
     for kind, entity in _ENTITY.items():
         counts[kind] = await cache.count_matching(cache.entity_match(entity, instance))
     hits, misses = resolver.counts(instance)
     lookups = hits + misses
-    return {
-        "instance": instance,
-        "redis": "disabled"
+    return InstanceStats(
+        instance=instance,
+        redis="disabled"
         if not cache.enabled
         else ("up" if None not in counts.values() else "down"),
-        "cached": counts,
-        "hits": hits,
-        "misses": misses,
-        "hit_ratio": round(hits / lookups, 4) if lookups else None,
-        "counts_scope": "this process since it started",
-    }
+        cached=CachedCounts(customers=counts["customers"], users=counts["users"]),
+        hits=hits,
+        misses=misses,
+        hit_ratio=round(hits / lookups, 4) if lookups else None,
+        counts_scope="this process since it started",
+    )

@@ -9,6 +9,12 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.contacts import ContactsService
 from app.errors import AppError
+from app.routes.schemas import (
+    REQUEST_ID_HEADER,
+    VALIDATION_FAILED,
+    ContactsPage,
+    ErrorDetail,
+)
 from app.validation import INSTANCE_PATTERN
 
 router = APIRouter(tags=["contacts"])
@@ -19,33 +25,101 @@ class AmbiguousInstance(AppError):
     detail = "instance must be given once"
 
 
+_UPSTREAM_BODY = {
+    "application/json": {
+        "schema": {
+            "description": "the contacts API's JSON body as it sent it, or "
+            '`{"detail": ...}` when its body was not JSON'
+        }
+    }
+}
+
+
 @router.get(
     "/contacts",
     response_class=Response,
     responses={
         200: {
+            "model": ContactsPage,
             "description": "The upstream page, each item with `customer` and `user` added",
-            "content": {"application/json": {}},
             "headers": {
-                "Server-Timing": {
-                    "description": "`redis;dur=<ms>`: time spent waiting on Redis; "
-                    "`crm;dur=<ms>` when the request waited for the CRM"
-                },
                 "X-Enrichment": {
                     "description": "complete; stale (some objects past their TTL, the CRM "
-                    "failing); partial (some objects null because the CRM failed)"
+                    "failing); partial (some objects null because the CRM failed)",
+                    "schema": {"type": "string", "enum": ["complete", "stale", "partial"]},
                 },
+                "Server-Timing": {
+                    "description": "`redis;dur=<ms>`: time spent waiting on Redis, every "
+                    "round trip together; then `, crm;dur=<ms>` when the request waited for "
+                    "the CRM",
+                    "schema": {"type": "string"},
+                },
+                **REQUEST_ID_HEADER,
             },
         },
-        502: {"description": "The contacts API failed"},
-        504: {"description": "The contacts API timed out"},
+        401: {
+            "description": "The contacts API refused the caller's `Authorization` "
+            "(its status and JSON body, passed through)",
+            "content": _UPSTREAM_BODY,
+        },
+        403: {
+            "description": "The contacts API denied access (passed through)",
+            "content": _UPSTREAM_BODY,
+        },
+        404: {
+            "description": "The contacts API does not know the instance (passed through)",
+            "content": _UPSTREAM_BODY,
+        },
+        "4XX": {
+            "description": "Any other 4xx of the contacts API, passed through the same way",
+            "content": _UPSTREAM_BODY,
+        },
+        **VALIDATION_FAILED,
+        502: {
+            "model": ErrorDetail,
+            "description": "The contacts API failed: 5xx, unreachable, a body that is not "
+            "the expected JSON or is larger than `UPSTREAM_MAX_BODY_BYTES`",
+        },
+        503: {
+            "model": ErrorDetail,
+            "description": "Overloaded: the request could not start within "
+            "`ADMISSION_QUEUE_TIMEOUT_SECONDS` and was shed before any work; retry later",
+            "headers": {
+                "Retry-After": {
+                    "description": "seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            },
+        },
+        504: {
+            "model": ErrorDetail,
+            "description": "The contacts API did not answer within `UPSTREAM_TIMEOUT_SECONDS`",
+        },
     },
 )
 async def list_contacts(
     request: Request,
-    instance: Annotated[str, Query(pattern=INSTANCE_PATTERN, description="instance (tenant) name")],
+    instance: Annotated[
+        str,
+        Query(
+            pattern=INSTANCE_PATTERN,
+            description="instance (tenant) name",
+            openapi_examples={
+                "known": {"summary": "an instance of the simulated upstream", "value": "acme"},
+                "unknown": {
+                    "summary": "an instance the simulated upstream does not know: its 404",
+                    "value": "unknown-tenant",
+                },
+            },
+        ),
+    ],
 ) -> Response:
-    """Every other query parameter (paging, search, filters) goes to the upstream unchanged."""
+    """Every other query parameter (paging, search, filters) goes to the upstream unchanged.
+
+    The caller's `Authorization` goes to the contacts API (and to the CRM when
+    `CRM_API_TOKEN` is unset). Request heads above 64 KiB are refused by the server
+    (431) before they reach the service.
+    """
     query = _forwarded_query(request.scope["query_string"])
     state = request.scope["state"]
     state["log"]["instance"] = instance

@@ -109,7 +109,8 @@ class _Subprocess:
 
 
 class ServiceProcess(_Subprocess):
-    """`python -m uvicorn app.main:app` on a loopback port, configured by `env` only.
+    """`python -m app` (the served configuration, app.server) on a loopback port, configured
+    by `env` only.
 
     It runs in its own directory (so no `.env` file is read) with a clean
     environment plus `env`; stdout, where the service logs, goes to a file.
@@ -138,10 +139,7 @@ class ServiceProcess(_Subprocess):
 
     def spawn(self) -> ServiceProcess:
         """Start the process without waiting (to start several at once); see `wait_ready`."""
-        command = [
-            sys.executable, "-m", "uvicorn", "app.main:app",
-            "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
         self._spawn([*command, *self.args], self.env)
