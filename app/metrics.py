@@ -114,6 +114,9 @@ ADMISSION_QUEUED = Gauge(
 ADMISSION_WAITS = Counter(
     "admission_waits_total", "/contacts requests (and resumptions) that waited for a turn"
 )
+ADMISSION_SHED = Counter(
+    "admission_shed_total", "Requests refused with 503 because they waited too long for a turn"
+)
 ENRICHMENT = Counter(
     "contacts_enrichment_total", "Contacts responses by enrichment state", ["state"]
 )
