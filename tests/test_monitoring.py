@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -478,7 +477,7 @@ class Load:
 
 
 @pytest.fixture
-async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(redis_server: RedisServer) -> AsyncIterator[Stack]:
     sim = SimProcess(args=["--latency-ms", "contacts=2,customers=5,users=5"]).start()
     env = {
         "WHATSAPP_API_URL": sim.url,
@@ -494,15 +493,13 @@ async def stack(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stac
         "REDIS_BREAKER_COOLDOWN_SECONDS": "1",
     }
     replicas = [ServiceProcess(env).spawn() for _ in range(2)]
-    stack: Stack | None = None
+    stack = Stack(redis_server, sim, replicas)
     try:
         for replica in replicas:
             replica.wait_ready()
-        stack = Stack(redis_server, sim, replicas).start()
-        yield stack
+        yield stack.start()
     finally:
-        if stack is not None:
-            stack.stop()
+        stack.stop()
         redis_server.resume()
         for replica in replicas:
             replica.stop()
