@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the servers the tests (and the benchmark) run for real, when they are missing:
-# redis-server and redis-cli, nginx; and for `bench`, wrk and Node.js/npm.
+# redis-server and redis-cli, nginx, Prometheus (with promtool) and redis_exporter; and for
+# `bench`, wrk and Node.js/npm.
 set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
+command -v prometheus-redis-exporter >/dev/null || need+=(prometheus-redis-exporter)
 if [ "${1:-}" = "bench" ]; then
   command -v wrk >/dev/null || need+=(wrk)
   command -v node >/dev/null || need+=(nodejs)
@@ -25,6 +28,6 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts the packaged services; the tests start their own on free ports.
-for svc in redis-server nginx; do
+for svc in redis-server nginx prometheus prometheus-redis-exporter; do
   $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || $sudo service "$svc" stop >/dev/null 2>&1 || true
 done
