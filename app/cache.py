@@ -109,7 +109,7 @@ def glob_escape(text: str) -> str:
 
 class RedisBudget:
     """The time one request may still spend waiting on Redis, across all its round trips:
-    SPEC.md bounds what Redis adds to a request to `REDIS_TIMEOUT_SECONDS` in total."""
+    docs/limits.md bounds what Redis adds to a request to `REDIS_TIMEOUT_SECONDS` in total."""
 
     __slots__ = ("left", "spent")
 

@@ -1,6 +1,6 @@
 """The enrichment: a page of contacts -> its ids -> cache -> CRM -> the same page, enriched.
 
-Steps 1 to 7 of SPEC.md; `EntityResolver` does 4 to 6. The page is returned
+The request path of docs/design.md; `EntityResolver` does steps 4 to 6. The page is returned
 with every upstream field kept and `customer` and `user` added; cached CRM
 objects are spliced in as raw JSON (`orjson.Fragment`), never re-parsed.
 """

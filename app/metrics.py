@@ -1,4 +1,4 @@
-"""Prometheus metrics (names fixed by SPEC.md) and the `/metrics` rendering.
+"""Prometheus metrics (names fixed: docs/operations.md "Metrics") and the `/metrics` rendering.
 
 With `PROMETHEUS_MULTIPROC_DIR` set (several uvicorn workers), every process
 writes its samples to files there and `/metrics` aggregates them, so any

@@ -1,6 +1,6 @@
 """Cache-aside resolution of CRM entities: one Redis read, the misses from the CRM, once.
 
-Steps 4 to 6 of SPEC.md: read every key of a page in one round trip, fetch
+Steps 4 to 6 of the request path (docs/design.md): read every key of a page in one round trip, fetch
 only the misses from the CRM in batches run in parallel, and store what came
 back (never a failure) with a pipelined `SET ... EX`.
 
@@ -189,7 +189,7 @@ class EntityResolver:
         """Where the instance's entries live for this caller: the instance itself when the
         CRM is read with the service's own token (one object serves every caller), else
         the instance and a keyed hash of the caller's credential, so that no caller is ever
-        served what the CRM answered another (SPEC.md, "Credentials and the shared cache").
+        served what the CRM answered another (docs/api.md, "Credentials and the shared cache").
         The hash reveals nothing of the credential and is the same on every replica."""
         if self._scope_key is None:
             return instance

@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.logging import UVICORN_LOG_CONFIG
 
 # Above this, the request line plus headers are refused with 431 (nginx's own
-# default is 4 x 8 KiB; SPEC.md: 64 KiB).
+# default is 4 x 8 KiB; docs/limits.md: 64 KiB).
 MAX_HEAD_BYTES = 64 * 1024
 # From a request's first byte (or from the connection's opening) to the end of its
 # headers. Real clients send a head in one packet; this only has to outlast a slow link.

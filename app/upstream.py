@@ -1,6 +1,6 @@
 """The WhatsApp and CRM APIs, behind a narrow interface; the only module that knows HTTP clients.
 
-`Upstream` speaks SPEC.md's upstream contract and turns every failure into
+`Upstream` speaks the upstream contract of docs/api.md and turns every failure into
 one of a few exceptions; the service above it never sees an HTTP library.
 
 It runs on one of two clients, chosen by what it is given:

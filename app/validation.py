@@ -1,4 +1,4 @@
-"""The two input rules of SPEC.md: which instance names and entity ids are safe to use."""
+"""The two input rules of docs/api.md: which instance names and entity ids are safe to use."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC.md's `/cache` endpoints: bearer `ADMIN_TOKEN`, invalidation, clearing, stats.
+"""The `/cache` endpoints (docs/api.md): bearer `ADMIN_TOKEN`, invalidation, clearing, stats.
 
 Against a real Redis shared with keys that are not the service's, as a
 production Redis may be (the Node.js service's keys, other applications').

@@ -1,4 +1,5 @@
-"""SPEC.md "Cache semantics": keys, values, TTLs, round trips, single flight, USE_REDIS=false."""
+"""docs/api.md "Cache keys and values": keys, values, TTLs, round trips, single flight,
+USE_REDIS=false."""
 
 from __future__ import annotations
 

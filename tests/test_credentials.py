@@ -1,4 +1,4 @@
-"""SPEC.md "Credentials and the shared cache": without CRM_API_TOKEN, the caller's credential
+"""docs/api.md "Credentials and the shared cache": without CRM_API_TOKEN, the caller's credential
 reads the CRM, and no caller ever receives what the CRM answered another."""
 
 from __future__ import annotations

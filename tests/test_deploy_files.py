@@ -1,7 +1,7 @@
 """The deployment files: Dockerfile, .dockerignore, docker-compose.yml, deploy/nginx.conf.
 
 No Docker engine runs where these tests run, so the files are checked for what
-they promise: the compose topology against SPEC.md's configuration names, the
+they promise: the compose topology against docs/configuration.md's names, the
 Dockerfile's stages, user, healthcheck and command, and the nginx
 configuration by the real nginx binary, both `nginx -t` and a short live run
 that proxies to throwaway loopback backends.
@@ -41,7 +41,7 @@ HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 
 NGINX = "/usr/sbin/nginx"
 
-# Copied from SPEC.md's "Configuration" table: the only settings the service reads.
+# Copied from docs/configuration.md: the only settings the service reads.
 SPEC_SETTINGS = frozenset(
     {
         "WHATSAPP_API_URL",
@@ -282,7 +282,7 @@ class TestComposeFile:
     ) -> None:
         env = _environment(services["api"])
         unknown = set(env) - SPEC_SETTINGS
-        assert not unknown, f"not in SPEC.md's configuration table: {sorted(unknown)}"
+        assert not unknown, f"not in docs/configuration.md: {sorted(unknown)}"
 
     def test_api_points_at_the_compose_upstream_and_redis(
         self, services: dict[str, dict[str, Any]]

@@ -1,4 +1,4 @@
-"""SPEC.md "Errors and bad input": bad input touches nothing, upstream failures map to statuses."""
+"""docs/api.md "Errors": bad input touches nothing, upstream failures map to statuses."""
 
 from __future__ import annotations
 

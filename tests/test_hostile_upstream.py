@@ -1,4 +1,4 @@
-"""SPEC.md "Hostile upstreams and limits": a buggy or malicious upstream never takes the service
+"""docs/limits.md: a buggy or malicious upstream never takes the service
 down, never poisons the cache, never makes it serve anything but strict JSON.
 
 The upstream here is `tests.support.hostile`, a raw HTTP server that sends

@@ -1,4 +1,4 @@
-"""SPEC.md "Hostile upstreams and limits": a huge page is served whole, split into Redis
+"""docs/limits.md: a huge page is served whole, split into Redis
 commands of at most ~1,000 keys, without opening the breaker, leaving leases behind or
 holding up other requests."""
 

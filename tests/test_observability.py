@@ -1,4 +1,4 @@
-"""SPEC.md "Observability": Prometheus metrics that move with traffic, and the request log.
+"""docs/operations.md "Metrics": Prometheus metrics that move with traffic, and the request log.
 
 Metrics are read the way Prometheus reads them, from `GET /metrics`; logs the
 way a log shipper reads them, from the stdout of a real service process.

@@ -1,4 +1,4 @@
-"""SPEC.md "Scaling out": three replicas behind a real nginx share one Redis.
+"""docs/design.md "Scaling out": three replicas behind a real nginx share one Redis.
 
 Every process is real: redis-server, the simulated upstream, three uvicorn
 services and nginx, all on loopback. The tests run in file order on one

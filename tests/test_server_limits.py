@@ -1,4 +1,4 @@
-"""SPEC.md "Hostile upstreams and limits": the served configuration bounds what a client holds.
+"""docs/limits.md: the served configuration bounds what a client holds.
 
 The server is the real one, `python -m app` (app.server), as the Docker image
 and `make run` start it, attacked over loopback sockets: oversized request
