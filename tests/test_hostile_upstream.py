@@ -19,7 +19,7 @@ from app.upstream import AiohttpClient, CrmError, Upstream
 from tests.conftest import Service, StartService
 from tests.support import hostile
 from tests.support.hostile import HostileUpstream
-from tests.support.procs import RedisServer, eventually
+from tests.support.procs import RedisServer, eventually, memory_bytes
 
 MIB = 1024 * 1024
 BOUND = MIB  # UPSTREAM_MAX_BODY_BYTES of the in-process services below
@@ -181,15 +181,6 @@ async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def peak_rss(pid: int) -> int:
-    """The process's high-water mark of resident memory (VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc")
-
-
 class TestMemoryStaysBounded:
     """A real service process (the default 32 MiB bound) fed what once took gigabytes."""
 
@@ -221,10 +212,10 @@ class TestMemoryStaysBounded:
             async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
                 warm = await client.get("/contacts?instance=acme")
                 assert warm.status_code == 200
-                before = peak_rss(service.pid)
+                before = memory_bytes(service.pid, "VmHWM")
                 upstream_server.answers[route] = answer()
                 response = await client.get("/contacts?instance=acme")
-                grown = peak_rss(service.pid) - before
+                grown = memory_bytes(service.pid, "VmHWM") - before
         finally:
             service.stop()
 

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.conftest import Sim, StartService
-from tests.support.procs import RedisServer, eventually
+from tests.support.procs import RedisServer, eventually, memory_bytes
 from tests.support.servers import InProcessServer
 
 CONTACTS = 20_000  # 40,000 ids: 40 times the most keys one command may carry
@@ -85,15 +85,6 @@ class TestHugePage:
         assert max(health_latencies) < 1.0, "other requests kept being served"
 
 
-def current_rss(pid: int) -> int:
-    """The process's resident memory now (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc")
-
-
 class TestMemoryAfterAHugePage:
     async def test_is_given_back_to_the_system(self, huge_contacts_api: str) -> None:
         from tests.support.hostile import HostileUpstream
@@ -112,12 +103,12 @@ class TestMemoryAfterAHugePage:
         try:
             async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
                 assert (await client.get("/health")).status_code == 200
-                idle = current_rss(service.pid)
+                idle = memory_bytes(service.pid)
                 response = await client.get("/contacts?instance=acme")
-                peak = current_rss(service.pid)
+                peak = memory_bytes(service.pid)
                 grown = peak - idle
                 await eventually(
-                    lambda: current_rss(service.pid) < idle + grown / 2,
+                    lambda: memory_bytes(service.pid) < idle + grown / 2,
                     timeout=20,
                     message="half of what the page took is given back",
                 )

@@ -173,3 +173,13 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} did not hold within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def memory_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/<pid>/status, in bytes: `VmRSS` (resident
+    now) or `VmHWM` (the high-water mark of resident memory)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
