@@ -205,6 +205,9 @@ def run(children: Children, env: dict[str, str], tmp: str) -> None:
     env.setdefault("WHATSAPP_API_URL", sim_url)
     env.setdefault("CRM_API_URL", sim_url)
     env.setdefault("ADMIN_TOKEN", ADMIN_TOKEN)
+    # The recommended mode (one cached object per id, under the documented keys the
+    # banner's redis-cli lines read); the simulator accepts any token unless SIM_TOKEN is set.
+    env.setdefault("CRM_API_TOKEN", env.get("SIM_TOKEN") or "dev-crm-token")
     env.setdefault("LOG_FORMAT", "console")
     children.start(
         "service",

@@ -108,3 +108,49 @@ def test_a_service_that_cannot_start_stops_redis_and_the_simulator(tmp_path: Pat
     assert "the service exited with status" in result.stderr
     assert "must be an http:// or https:// URL" in result.stderr
     assert elapsed < 60
+
+
+def test_the_quick_start_works_as_the_banner_says(tmp_path: Path) -> None:
+    """The README's first request, then the banner's own redis-cli line, find the customer."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out_path = tmp_path / "stdout"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT)],
+            env={**os.environ, "PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "Ctrl-C" not in out_path.read_text():
+            assert proc.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, "no banner"
+            time.sleep(0.2)
+        banner = out_path.read_text()
+        base = f"http://127.0.0.1:{port}"
+        import urllib.request
+
+        with urllib.request.urlopen(f"{base}/contacts?instance=acme&per_page=3") as response:
+            assert response.status == 200
+        get_line = next(line for line in banner.splitlines() if "GET customer:acme:1" in line)
+        deadline = time.monotonic() + 10
+        while True:  # stored in the background just after the answer
+            cached = subprocess.run(
+                get_line.split(), capture_output=True, text=True, check=True
+            ).stdout.strip()
+            if cached or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert cached.startswith("{"), f"{get_line!r} gave {cached!r}"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        time.sleep(0.5)
+        leftovers = processes_in_group(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert leftovers == [], "Ctrl-C stops everything"
