@@ -70,8 +70,10 @@ class Admission:
         metrics.ADMISSION_WAITS.inc()
         timeout = None if first else self.queue_timeout
         try:
-            # `release` hands its turn over: `_active` stays as it is
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            # `release` hands its turn over: `_active` stays as it is. (Not wait_for: on
+            # Python 3.11 it can swallow a cancellation that comes just after the hand-over.)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(waiter)
         except TimeoutError:
             if waiter.done():  # handed a turn just as the time ran out: take it
                 return True

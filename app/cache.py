@@ -152,6 +152,7 @@ class Cache:
         # error is logged when an operation starts failing or fails differently, and when it
         # recovers, not once per request (a full Redis refuses every write).
         self._failing: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
         if client is not None:
             metrics.REDIS_UP.set(1)
             if not isinstance(client, RedisCluster):
@@ -470,15 +471,17 @@ class Cache:
             return default
         except Exception as exc:  # an outage: connection refused, timeout, reset, full pool
             metrics.REDIS_ERRORS.inc()
+            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
             if isinstance(exc, NodeUnavailableError) or (
-                not decisive and isinstance(exc, TimeoutError | RedisTimeoutError)
+                timed_out and (not decisive or self._connecting(client))
             ):
                 # A cluster node already known down (skipped at no cost), the rest of a spent
-                # budget, or a very large page: none of them says Redis as a whole is out.
+                # budget, a very large page, or the wait for a connection being opened (a
+                # distant Redis coming back): none of them says Redis as a whole is out.
                 self.breaker.abandon()
             else:
                 self.breaker.failure(exc)
-                await self._drop_idle_connections(client)
+                self._drop_idle_connections(client)
             return default
         finally:
             if budget is not None:
@@ -497,16 +500,29 @@ class Cache:
             log.warning("redis.command_error", op=op, error=str(exc))
 
     @staticmethod
-    async def _drop_idle_connections(client: RedisClient) -> None:
+    def _connecting(client: RedisClient) -> bool:
+        pool = getattr(client, "connection_pool", None)
+        return isinstance(pool, WarmConnectionPool) and pool.connecting
+
+    def _drop_idle_connections(self, client: RedisClient) -> None:
         """After an outage, idle pooled connections may point at a dead server (a restarted
         Redis, a failed-over primary): close them, so the breaker's next probe dials anew
-        instead of failing once per stale connection. Cluster clients manage their nodes."""
+        instead of failing once per stale connection. In the background: closing a TLS
+        connection to a hung server waits for its reply, which is no request's time.
+        Cluster clients manage their nodes."""
         pool = getattr(client, "connection_pool", None)
-        if pool is not None:
+        if pool is None:
+            return
+
+        async def drop() -> None:
             with contextlib.suppress(Exception):
                 await pool.disconnect(inuse_connections=False)
             if isinstance(pool, WarmConnectionPool):
-                pool.warm_up()  # in the background: the next request finds them open
+                pool.warm_up()  # the next request finds them open
+
+        task = asyncio.create_task(drop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 #: The least share of `REDIS_TIMEOUT_SECONDS` a request's call is started with.

@@ -132,6 +132,8 @@ def _no_retry() -> Retry:
 
 #: Connections a pool opens at start-up, before any request asks.
 WARM_CONNECTIONS = 4
+#: While connects fail, one is retried this often in the background.
+_REDIAL_SECONDS = 1.0
 
 
 def connect_timeout(settings: Settings) -> float:
@@ -160,6 +162,7 @@ class WarmConnectionPool(BlockingConnectionPool):
         self._dials: set[asyncio.Task[None]] = set()
         self._dial_failures = 0
         self._dial_error: BaseException | None = None
+        self._redial: asyncio.TimerHandle | None = None
 
     async def get_connection(
         self, command_name: Any = None, *keys: Any, **options: Any
@@ -169,8 +172,15 @@ class WarmConnectionPool(BlockingConnectionPool):
                 ready = functools.partial(self._ready, self._dial_failures)
                 if not ready() and self._total() < self.max_connections:
                     self._dial()
-                async with asyncio.timeout(self.timeout):
-                    await self._condition.wait_for(ready)
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self._condition.wait_for(ready)
+                except asyncio.CancelledError:
+                    # (also the caller's deadline) A `notify` may have woken this waiter
+                    # just before: pass it on, or an idle connection would wait unused.
+                    if self._has_idle():
+                        self._condition.notify()
+                    raise
                 if not self._available_connections:
                     raise ConnectionError(f"connecting to Redis failed: {self._dial_error!r}")
                 connection = self._available_connections.pop()
@@ -178,20 +188,41 @@ class WarmConnectionPool(BlockingConnectionPool):
             try:
                 # Data waiting on an idle connection means the server closed it (a restart)
                 # or a reply was left unread: drop it, never reopen it on the caller's time.
-                if not await connection.can_read():
-                    return connection
+                stale = await connection.can_read()
             except (ConnectionError, OSError):
-                pass
-            await connection.disconnect()
-            await self.release(connection)
+                stale = True
+            except BaseException:
+                self._put_back(connection)
+                raise
+            if not stale:
+                return connection
+            # Dropped at once, with no await in between: a cancellation here cannot leave
+            # it counted as in use forever.
+            self._in_use_connections.discard(connection)
+            self._close_soon(connection)
+            self.warm_up()
 
     def warm_up(self) -> None:
         """Open connections in the background until `warm` are open or opening (call inside
-        the event loop); not while the last connect failed, so an outage is not hammered:
-        the next caller's connect (the breaker's probe) tries again."""
+        the event loop). Not while connects fail: one retry is then scheduled instead, every
+        `_REDIAL_SECONDS`, so that a connection is open again when Redis is back (and the
+        breaker's probe finds it) without hammering a Redis that is down."""
         if self._dial_error is None:
-            for _ in range(self._warm - self._total()):
+            for _ in range(min(self._warm, self.max_connections) - self._total()):
                 self._dial()
+        elif self._redial is None:
+            self._redial = asyncio.get_running_loop().call_later(_REDIAL_SECONDS, self._retry)
+
+    @property
+    def connecting(self) -> bool:
+        """No connection is open, and one is being opened: a caller that timed out now was
+        waiting for a connect, which says nothing yet about whether Redis is up."""
+        return self._dialing > 0 and not self._in_use_connections and not self._has_idle()
+
+    def _retry(self) -> None:
+        self._redial = None
+        if self._dial_error is not None and self._total() < self.max_connections:
+            self._dial()
 
     async def release(self, connection: AbstractConnection) -> None:
         await super().release(connection)
@@ -199,6 +230,15 @@ class WarmConnectionPool(BlockingConnectionPool):
             # Closed by an error or a cancelled command: open a replacement in the
             # background, so the next requests still find `warm` connections open.
             self.warm_up()
+
+    def _put_back(self, connection: AbstractConnection) -> None:
+        self._in_use_connections.discard(connection)
+        self._available_connections.append(connection)
+
+    def _close_soon(self, connection: AbstractConnection) -> None:
+        task = asyncio.create_task(connection.disconnect(nowait=True))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
 
     def _ready(self, failures: int) -> bool:
         """An open connection is idle, or a connect failed since `failures` was read."""
@@ -225,27 +265,34 @@ class WarmConnectionPool(BlockingConnectionPool):
             async with asyncio.timeout(self._connect_timeout):
                 await connection.connect()  # type: ignore[no-untyped-call]
         except Exception as exc:
-            await connection.disconnect(nowait=True)
+            self._dialing -= 1
+            self._dial_failures += 1
+            self._dial_error = exc
+            self._close_soon(connection)
             async with self._condition:
-                self._dialing -= 1
-                self._dial_failures += 1
-                self._dial_error = exc
                 self._condition.notify_all()
             log.debug("redis.connect_failed", error=f"{type(exc).__name__}: {exc}")
+            self.warm_up()  # schedules the retry
             return
         except BaseException:
             self._dialing -= 1
-            await connection.disconnect(nowait=True)
+            self._close_soon(connection)
             raise
+        self._dialing -= 1
+        recovered = self._dial_error is not None
+        self._dial_error = None
+        self._available_connections.append(connection)
         async with self._condition:
-            self._dialing -= 1
-            self._dial_error = None
-            self._available_connections.append(connection)
-            self._condition.notify()
+            self._condition.notify_all()
+        if recovered:
+            self.warm_up()
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)
         if inuse_connections:  # closing the pool: stop opening new ones too
+            if self._redial is not None:
+                self._redial.cancel()
+                self._redial = None
             for task in list(self._dials):
                 task.cancel()
             await asyncio.gather(*self._dials, return_exceptions=True)
@@ -270,7 +317,7 @@ def build_redis(settings: Settings) -> RedisClient:
         connect_timeout=connect_timeout(settings),
         **timeouts,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # closing the client closes the pool, and its connects
 
 
 def warm_up(client: RedisClient) -> None:

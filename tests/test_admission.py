@@ -198,6 +198,23 @@ class TestAdmission:
         admission.release()
         assert admission.active == 0
 
+    @pytest.mark.parametrize("steps", [0, 1])
+    async def test_a_cancel_right_after_the_hand_over_is_honoured_and_the_turn_passed_on(
+        self, steps: int
+    ) -> None:
+        admission = Admission(1, queue_timeout=5.0)
+        await admission.acquire()
+        waiting = asyncio.create_task(admission.acquire())
+        await asyncio.sleep(0)
+        admission.release()  # the turn goes to the waiter...
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        waiting.cancel()  # ...which is cancelled before it runs (shutdown, client gone)
+
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert admission.active == 0, "the turn it was handed is free again"
+
     def test_a_limit_below_one_is_refused(self) -> None:
         with pytest.raises(ValueError):
             Admission(0)
