@@ -4,6 +4,7 @@ the background, handed out open, and never lost to a caller cancelled at the wro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -63,10 +64,8 @@ class TestWarmConnectionPool:
                 for _ in range(steps):
                     await asyncio.sleep(0)
                 taking.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await pool.release(await taking)
-                except asyncio.CancelledError:
-                    pass
             assert pool._in_use_connections == set(), "nobody holds a connection"
 
         async with asyncio.timeout(2):
