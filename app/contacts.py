@@ -14,7 +14,7 @@ from typing import Literal
 
 import structlog
 
-from app import jsonutil, memory, metrics
+from app import jsonutil, metrics
 from app.admission import Admission, Slot
 from app.entities import ENTITIES, Entity
 from app.errors import BadGateway, ClientGone
@@ -44,6 +44,11 @@ class EnrichedPage:
     refreshes: int
     crm_wait: float
     redis_wait: float
+
+    @property
+    def huge(self) -> bool:
+        """A page large enough that its memory is worth handing back once it is sent."""
+        return self.contacts > _YIELD_EVERY
 
 
 class ContactsService:
@@ -123,8 +128,6 @@ class ContactsService:
         resolution = await self._resolver.resolve(
             instance, {e: list(wanted[e]) for e in ENTITIES}, authorization, request_id, slot=slot
         )
-        if huge:
-            memory.release_soon()  # what this page allocated is freed when it is sent
         try:
             body = _assemble(page.body, page.items, refs, resolution, exact=page.exotic)
         except jsonutil.InvalidJSON as exc:

@@ -6,7 +6,9 @@ from typing import Annotated
 from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.background import BackgroundTask
 
+from app import memory
 from app.contacts import ContactsService
 from app.errors import AppError
 from app.routes.schemas import (
@@ -147,7 +149,9 @@ async def list_contacts(
     if page.crm_wait:
         timing += f", crm;dur={page.crm_wait * 1000:.1f}"
     headers: dict[str, str] = {"x-enrichment": page.enrichment, "server-timing": timing}
-    return Response(page.body, media_type="application/json", headers=headers)
+    # After a huge page is sent, its memory is freed: hand it back to the system then.
+    after = BackgroundTask(memory.release_soon) if page.huge else None
+    return Response(page.body, media_type="application/json", headers=headers, background=after)
 
 
 def _forwarded_query(raw: bytes) -> str:
