@@ -162,6 +162,11 @@ class Cache:
     def enabled(self) -> bool:
         return self._client is not None
 
+    def affords(self, budget: RedisBudget | None) -> bool:
+        """Whether a request with `budget` left may still start a call: not with less than
+        a fifth of `REDIS_TIMEOUT_SECONDS` (on a cluster, the per-node share) left."""
+        return budget is None or budget.left >= self._min_call
+
     def budget(self) -> RedisBudget:
         """A new request's Redis budget: `REDIS_TIMEOUT_SECONDS` for all its calls together."""
         return RedisBudget(self._timeout)
@@ -445,7 +450,7 @@ class Cache:
         `REDIS_TIMEOUT_SECONDS` on a call of at most `_SCRIPT_KEYS` keys counts against the
         breaker: the rest of a spent budget, or a very large page, proves no outage."""
         client = self._client
-        if client is None or (budget is not None and budget.left < self._min_call):
+        if client is None or not self.affords(budget):
             return default
         if not self.breaker.allow():
             return default

@@ -396,7 +396,9 @@ class EntityResolver:
         contested: list[tuple[Entity, str]] = []
         held: list[str] = []
         token = uuid.uuid4().hex
-        if leases and policy.lease_wait > 0 and self._cache.enabled:
+        # No lease call that the request's budget no longer affords: it would be skipped,
+        # and its leases then released by token although none was taken.
+        if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
             lease_keys = [self._cache.lease_key(e, space, i) for e, i in mine]
             taken = await self._cache.take_leases(
                 lease_keys, token, int(policy.lease_ttl * 1000), budget

@@ -131,7 +131,8 @@ class Stack:
         label: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Target:
-        """`uvicorn app.main:app` as docs/operations.md runs it; `db=None` is `USE_REDIS=false`.
+        """`uvicorn app.main:app` with the flags of every recorded run (docs/performance.md;
+        `python -m app` adds connection bounds and its log configuration); `db=None` is `USE_REDIS=false`.
 
         `source` is a folder holding an `app` package (a copy or a git worktree of the
         repository, for A/B runs); it comes first on the child's import path.
