@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 import structlog
@@ -29,6 +29,7 @@ from app.redis_client import (
     NodeUnavailableError,
     RedisClient,
     WarmConnectionPool,
+    lean_command,
 )
 
 R = TypeVar("R")
@@ -382,14 +383,16 @@ class Cache:
 
         async def scan_and_unlink(client: RedisClient) -> int:
             deleted = 0
-            batch: list[bytes] = []
-            async for key in client.scan_iter(match=match, count=_CLEAR_BATCH):
+            batch: list[bytes | str] = []
+            async for key in self._scan(client, match, _CLEAR_BATCH):
                 batch.append(key)
                 if len(batch) >= _CLEAR_BATCH:
-                    deleted += await _unlink(client, batch)
+                    async with asyncio.timeout(self._timeout):
+                        deleted += await _unlink(client, batch)
                     batch = []
             if batch:
-                deleted += await _unlink(client, batch)
+                async with asyncio.timeout(self._timeout):
+                    deleted += await _unlink(client, batch)
             return deleted
 
         cleared: int | None = await self._run("clear", scan_and_unlink, None, deadline=None)
@@ -399,10 +402,28 @@ class Cache:
         """How many keys match a full-key glob (SCAN); None when Redis is unavailable."""
 
         async def scan_count(client: RedisClient) -> int:
-            return sum([1 async for _ in client.scan_iter(match=match, count=1000)])
+            return sum([1 async for _ in self._scan(client, match, 1000)])
 
         counted: int | None = await self._run("scan", scan_count, None, deadline=None)
         return counted
+
+    async def _scan(
+        self, client: RedisClient, match: str, count: int
+    ) -> AsyncIterator[bytes | str]:
+        """SCAN, each step within `REDIS_TIMEOUT_SECONDS` (a whole scan may take longer):
+        standalone connections have no socket timeout of their own (app.redis_client)."""
+        if isinstance(client, RedisCluster):  # per node, under its socket timeout
+            async for key in client.scan_iter(match=match, count=count):
+                yield key
+            return
+        cursor = 0
+        while True:
+            async with asyncio.timeout(self._timeout):
+                cursor, keys = await client.scan(cursor, match=match, count=count)
+            for key in keys:
+                yield key
+            if not cursor:
+                return
 
     async def ping(self) -> bool:
         return bool(await self._run("ping", lambda c: c.ping(), False))
@@ -615,7 +636,7 @@ async def _mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
     if isinstance(client, RedisCluster):
         return list(await client.mget_nonatomic(keys))
     if len(keys) <= _SCRIPT_KEYS:
-        return cast(list[bytes | None], await client.mget(keys))
+        return cast(list[bytes | None], await lean_command(client, "MGET", *keys))
     pipe = client.pipeline(transaction=False)
     for start in range(0, len(keys), _SCRIPT_KEYS):
         pipe.mget(keys[start : start + _SCRIPT_KEYS])

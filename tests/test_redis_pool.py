@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
-from app.redis_client import WarmConnectionPool
+from app.redis_client import WarmConnectionPool, _stale, lean_command
 from tests.support.procs import RedisServer, eventually
 
 
@@ -106,3 +108,73 @@ class TestWarmConnectionPool:
         assert pool._dial_error is None
         await pool.disconnect()
         assert pool._redial is None
+
+
+class TestTheWarmPath:
+    """What a warm request's Redis call does: an idle connection taken without a read of its
+    socket, one command without redis-py's per-call layers, the connection handed back."""
+
+    async def test_idle_connections_the_server_closed_are_dropped_without_a_read(
+        self, redis_server: RedisServer, admin: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        pool = pool_for(redis_server, warm=3)
+        pool.warm_up()
+        await eventually(lambda: len(pool._available_connections) == 3, message="warm")
+        killed = list(pool._available_connections)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await eventually(lambda: all(_stale(c) for c in killed), message="closes seen")
+
+        async def no_read(*_: object) -> bool:
+            raise AssertionError("an idle connection's state is known without reading it")
+
+        monkeypatch.setattr(AbstractConnection, "can_read", no_read)
+        client = Redis.from_pool(pool)
+        async with asyncio.timeout(2):
+            assert await lean_command(client, "PING") in (b"PONG", "PONG")
+        assert not any(c in pool._available_connections for c in killed)
+        await client.aclose()
+
+    async def test_a_reply_left_waiting_makes_a_connection_stale(
+        self, redis_server: RedisServer
+    ) -> None:
+        pool = pool_for(redis_server, warm=1)
+        pool.warm_up()
+        await eventually(lambda: pool._has_idle(), message="warm")
+        connection = await pool.get_connection()
+        assert _stale(connection) is False
+        await connection.send_command("PING")  # and its reply never read
+        await eventually(lambda: _stale(connection) is True, message="reply arrived")
+        await pool.release(connection)
+        taken = await pool.get_connection()
+        assert taken is not connection
+        await pool.release(taken)
+        await pool.disconnect()
+
+    async def test_a_command_cut_short_never_leaves_its_reply_to_the_next(
+        self, redis_server: RedisServer
+    ) -> None:
+        pool = pool_for(redis_server, max_connections=1, warm=1)
+        client = Redis.from_pool(pool)
+        pool.warm_up()
+        await eventually(lambda: pool._has_idle(), message="warm")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await lean_command(client, "BLPOP", "nothing", "0.3")
+        async with asyncio.timeout(3):
+            assert await lean_command(client, "ECHO", "mine") == b"mine"
+        assert not pool._in_use_connections
+        await client.aclose()
+
+    async def test_an_error_reply_raises_and_keeps_the_connection(
+        self, redis_server: RedisServer
+    ) -> None:
+        pool = pool_for(redis_server, max_connections=1, warm=1)
+        client = Redis.from_pool(pool)
+        pool.warm_up()
+        await eventually(lambda: pool._has_idle(), message="warm")
+        (connection,) = pool._available_connections
+        with pytest.raises(ResponseError):
+            await lean_command(client, "INCR", "a", "b")
+        assert await lean_command(client, "MGET", "x", "y") == [None, None]
+        assert pool._available_connections == [connection], "the same connection, reused"
+        await client.aclose()

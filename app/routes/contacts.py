@@ -7,17 +7,18 @@ from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from app import memory
-from app.contacts import ContactsService
-from app.errors import AppError
+from app.contacts import ContactsService, EnrichedPage
+from app.errors import AppError, UpstreamRejected, app_error_handler, upstream_rejected_handler
 from app.routes.schemas import (
     REQUEST_ID_HEADER,
     VALIDATION_FAILED,
     ContactsPage,
     ErrorDetail,
 )
-from app.validation import INSTANCE_PATTERN
+from app.validation import INSTANCE_PATTERN, is_valid_instance
 
 router = APIRouter(tags=["contacts"])
 
@@ -122,36 +123,121 @@ async def list_contacts(
     `CRM_API_TOKEN` is unset). Request heads above 64 KiB are refused by the server
     (431) before they reach the service.
     """
-    query = _forwarded_query(request.scope["query_string"])
-    state = request.scope["state"]
-    state["log"]["instance"] = instance
+    page = await _enriched(
+        request.scope, request.receive, instance, _forwarded_query(request.scope["query_string"])
+    )
+    return Response(
+        page.body,
+        media_type="application/json",
+        headers=_headers(page),
+        background=BackgroundTask(memory.release_soon) if page.huge else None,
+    )
+
+
+async def _enriched(scope: Scope, receive: Receive, instance: str, query: str) -> EnrichedPage:
+    """The page of one valid request, its log fields set: what both ways in serve."""
+    state = scope["state"]
+    fields = state["log"]
+    fields["instance"] = instance
     # Straight from the lifespan state rather than a dependency: FastAPI's dependency
     # solving is a measurable share of a warm request.
     service: ContactsService = state["contacts"]
     page = await service.enriched_page(
         instance,
         query,
-        request.headers.get("authorization"),
+        _authorization(scope),
         state["request_id"],
-        client_gone=request.is_disconnected,
+        client_gone=lambda: Request(scope, receive).is_disconnected(),
     )
-    state["log"].update(
-        contacts=page.contacts,
-        cache_hits=page.hits,
-        cache_misses=page.misses,
-        crm_calls=page.crm_calls,
-        refreshes=page.refreshes,
-        enrichment=page.enrichment,
-    )
+    fields["contacts"] = page.contacts
+    fields["cache_hits"] = page.hits
+    fields["cache_misses"] = page.misses
+    fields["crm_calls"] = page.crm_calls
+    fields["refreshes"] = page.refreshes
+    fields["enrichment"] = page.enrichment
+    return page
+
+
+def _headers(page: EnrichedPage) -> dict[str, str]:
     # Server-Timing shows in browsers' dev tools and tells callers (and tests) what the
     # request waited for: Redis (all its round trips) and, when it had misses, the CRM.
     timing = f"redis;dur={page.redis_wait * 1000:.1f}"
     if page.crm_wait:
         timing += f", crm;dur={page.crm_wait * 1000:.1f}"
-    headers: dict[str, str] = {"x-enrichment": page.enrichment, "server-timing": timing}
-    # After a huge page is sent, its memory is freed: hand it back to the system then.
-    after = BackgroundTask(memory.release_soon) if page.huge else None
-    return Response(page.body, media_type="application/json", headers=headers, background=after)
+    return {"x-enrichment": page.enrichment, "server-timing": timing}
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The caller's `Authorization`, as Starlette reads it: the first, latin-1."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class FastContacts:
+    """`GET /contacts` as plain ASGI, for the requests whose query is valid: the same
+    answers as the route above, without FastAPI's routing, middleware stack and parameter
+    validation, which were a sixth of a warm request's CPU (docs/performance.md).
+
+    `fast_query` decides which requests come here; every other one (a missing, invalid or
+    repeated `instance`) takes the FastAPI route, whose 422 is the documented one, so
+    the two ways in cannot disagree on what is valid.
+    """
+
+    def __init__(self, route: object) -> None:
+        self.route = route  # for the request metrics' route label
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        instance, query = scope[FAST_QUERY]
+        scope["route"] = self.route
+        try:
+            page = await _enriched(scope, receive, instance, query)
+        except AppError as exc:
+            await (await app_error_handler(Request(scope), exc))(scope, receive, send)
+            return
+        except UpstreamRejected as exc:
+            await (await upstream_rejected_handler(Request(scope), exc))(scope, receive, send)
+            return
+        body = page.body
+        # As Starlette's Response writes them: its headers, then length and type.
+        headers = [
+            (name.encode(), value.encode("latin-1")) for name, value in _headers(page).items()
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"content-type", b"application/json"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        if page.huge:
+            await memory.release_soon()
+
+
+#: The scope key under which `fast_query`'s answer reaches `FastContacts`.
+FAST_QUERY = "app.contacts_query"
+
+
+def fast_query(raw: bytes) -> tuple[str, str] | None:
+    """The instance and the query to forward when `raw` names exactly one valid instance
+    (as Starlette parses a query: split on `&`, then on the first `=`, each side
+    unquoted); None otherwise."""
+    text = raw.decode("latin-1")
+    kept: list[str] = []
+    instance: str | None = None
+    for part in text.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if name == "instance" or (
+            ("%" in name or "+" in name) and unquote_plus(name) == "instance"
+        ):
+            if instance is not None:
+                return None
+            instance = unquote_plus(value)
+            continue
+        kept.append(part)
+    if instance is None or not is_valid_instance(instance):
+        return None
+    return instance, "&".join(kept)
 
 
 def _forwarded_query(raw: bytes) -> str:
