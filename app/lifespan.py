@@ -15,9 +15,10 @@ from app.breaker import CircuitBreaker
 from app.cache import Cache
 from app.config import Settings
 from app.contacts import ContactsService
+from app.http1 import Http1Client
 from app.redis_client import build_redis, warm_up
 from app.resolver import CachePolicy, EntityResolver
-from app.upstream import AiohttpClient, Upstream
+from app.upstream import Upstream
 
 log = structlog.get_logger("app.lifespan")
 
@@ -32,13 +33,13 @@ class State(TypedDict):
     contacts: ContactsService
 
 
-def build_http_client(settings: Settings) -> AiohttpClient:
-    """One pooled client for one upstream API, on aiohttp (see app.upstream and bench/README.md).
+def build_http_client(settings: Settings) -> Http1Client:
+    """One pooled client for one upstream API (app.http1).
 
     The contacts API and the CRM get one each: a pool of their own, so one that
     hangs cannot take the other's connections.
     """
-    return AiohttpClient(max_connections=settings.upstream_max_connections)
+    return Http1Client(max_connections=settings.upstream_max_connections)
 
 
 def scope_key(settings: Settings) -> bytes:

@@ -5,10 +5,9 @@ one of a few exceptions; the service above it never sees an HTTP library.
 
 It runs on one of two clients, chosen by what it is given:
 
-* `AiohttpClient` (what the service uses, see `app.lifespan.build_http_client`):
-  one pooled `aiohttp.ClientSession`. On the benchmark's warm path (a page of
-  100 contacts) it serves more requests per CPU second than httpx on either
-  of its transports (see bench/README.md).
+* `Http1Client` (app.http1, what the service uses, see `app.lifespan.build_http_client`):
+  pooled keep-alive HTTP/1.1 on httptools, about a quarter of aiohttp's CPU per
+  GET and a tenth of httpx's (docs/performance.md).
 * an `httpx.AsyncClient`, so tests can mock the upstream with
   `respx.mock(using="httpx")` and tools can pass their own client.
 
@@ -27,14 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
-import aiohttp
 import structlog
-import yarl
 
 from app import jsonutil, metrics
 from app.bodies import ACCEPT_ENCODING, BadEncoding, BodyTooLarge, BoundedBody
 from app.entities import Entity
 from app.errors import AppError, BadGateway, GatewayTimeout, UpstreamRejected
+from app.http1 import BodySink, Head, Http1Client
 from app.instance_limit import PerInstanceLimit
 
 if TYPE_CHECKING:
@@ -64,7 +62,7 @@ class _Unreachable(Exception):
 
 # Connection refused or reset, DNS, a malformed answer: the upstream is unreachable.
 # (TimeoutError is an OSError too: the callers catch it first, as the deadline.)
-_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, _Unreachable)
+_TRANSPORT_ERRORS = (OSError, _Unreachable)
 
 
 class _Reply(NamedTuple):
@@ -75,80 +73,7 @@ class _Reply(NamedTuple):
     refused: str | None = None
 
 
-class _Latin1HeadersRequest(aiohttp.ClientRequest):
-    """Sends header values as their latin-1 bytes, so a caller's bytes reach the upstream as sent.
-
-    Header values arrive decoded as latin-1 (one character per byte, as ASGI
-    gives them) and aiohttp writes headers as UTF-8, which turns a caller's
-    `caf\\xe9` into `caf\\xc3\\xa9`. For the rare request with such a value, the
-    header block aiohttp writes is mapped back to one byte per character on its
-    way to the socket (a bodiless GET writes nothing else from `send`).
-    """
-
-    async def send(self, conn: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
-        protocol = conn.protocol
-        # Only Authorization can carry such bytes: every other header is ours, and ASCII.
-        if protocol is None or self.headers.get("authorization", "").isascii():
-            return await super().send(conn)
-        transport = protocol.transport
-        protocol.transport = _Latin1Writes(transport)  # type: ignore[assignment]
-        try:
-            return await super().send(conn)
-        finally:
-            protocol.transport = transport
-
-
-class _Latin1Writes:
-    """A transport whose `write` re-encodes UTF-8 text as latin-1; everything else is the same."""
-
-    def __init__(self, transport: asyncio.Transport | None) -> None:
-        self._transport = transport
-
-    def write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(bytes(data).decode().encode("latin-1"))
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-
-class AiohttpClient:
-    """A pooled aiohttp session (one per upstream API), created on first use (inside the loop)."""
-
-    def __init__(self, *, max_connections: int, keepalive_seconds: float = 4.0) -> None:
-        self._max_connections = max_connections
-        # Below the 5 s idle timeout of uvicorn, nginx and most servers, so a pooled
-        # connection is not reused just as the server closes it.
-        self._keepalive_seconds = keepalive_seconds
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._max_connections,
-                    limit_per_host=0,
-                    keepalive_timeout=self._keepalive_seconds,
-                    ttl_dns_cache=60,
-                ),
-                timeout=aiohttp.ClientTimeout(total=None),  # the deadline is per call, above
-                cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies are no one else's
-                auto_decompress=False,  # app.bodies inflates, within bounds
-                raise_for_status=False,
-                request_class=_Latin1HeadersRequest,
-            )
-        return self._session
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-HttpClient: TypeAlias = "AiohttpClient | httpx.AsyncClient"
+HttpClient: TypeAlias = "Http1Client | httpx.AsyncClient"
 
 
 class Upstream:
@@ -285,33 +210,34 @@ class Upstream:
         headers: dict[str, str],
         body_wanted: Callable[[int], bool],
     ) -> _Reply:
-        if isinstance(http, AiohttpClient):
-            return await self._get_aiohttp(http, url, headers, body_wanted)
+        if isinstance(http, Http1Client):
+            return await self._get_http1(http, url, headers, body_wanted)
         return await self._get_httpx(http, url, headers, body_wanted)
 
-    async def _get_aiohttp(
+    async def _get_http1(
         self,
-        http: AiohttpClient,
+        http: Http1Client,
         url: str,
         headers: dict[str, str],
         body_wanted: Callable[[int], bool],
     ) -> _Reply:
-        # encoded=True: the query goes out byte for byte as the caller sent it.
-        async with http.session().get(
-            yarl.URL(_ascii_url(url), encoded=True), headers=headers, allow_redirects=False
-        ) as response:
-            if not body_wanted(response.status):
-                response.close()  # unread: the connection goes, not back to the pool
-                return _Reply(response.status, None, "not read")
-            try:
-                body = BoundedBody(self._max_body_bytes, response.headers.get("content-encoding"))
-                body.check_length(response.headers.get("content-length"))
-                while chunk := await response.content.readany():
-                    body.feed(chunk)
-                return _Reply(response.status, body.finish())
-            except (BodyTooLarge, BadEncoding) as exc:
-                response.close()
-                return _Reply(response.status, None, _refusal(exc))
+        status = 0
+        body: BoundedBody | None = None
+
+        def on_head(head: Head) -> BodySink | None:
+            nonlocal status, body
+            status = head.status
+            if not body_wanted(status):
+                return None  # unread: the connection goes, not back to the pool
+            body = BoundedBody(self._max_body_bytes, head.headers.get("content-encoding"))
+            body.check_length(head.headers.get("content-length"))
+            return body.feed
+
+        try:
+            await http.get(_ascii_url(url), list(headers.items()), on_head)
+            return _Reply(status, None if body is None else body.finish(), "not read")
+        except (BodyTooLarge, BadEncoding) as exc:
+            return _Reply(status, None, _refusal(exc))
 
     async def _get_httpx(
         self,
@@ -322,7 +248,7 @@ class Upstream:
     ) -> _Reply:
         import httpx
 
-        # Header values as the caller's bytes, like the aiohttp client (httpx would
+        # Header values as the caller's bytes, like the HTTP/1.1 client (httpx would
         # refuse a non-ASCII str).
         raw_headers = {name.encode(): value.encode("latin-1") for name, value in headers.items()}
         try:
@@ -350,7 +276,7 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _Unreachable(type(exc).__name__) from exc
         finally:
-            http.cookies.clear()  # like the aiohttp client: no cookie outlives its call
+            http.cookies.clear()  # like the HTTP/1.1 client: no cookie outlives its call
 
 
 def _contacts_body_wanted(status: int) -> bool:

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.upstream import AiohttpClient, CrmError, Upstream
+from app.http1 import Http1Client
+from app.upstream import CrmError, Upstream
 from tests.conftest import Service, StartService
 from tests.support import hostile
 from tests.support.hostile import HostileUpstream
@@ -114,10 +115,10 @@ class TestBoundedBodies:
 
 
 def _clients() -> dict[str, Any]:
-    return {"aiohttp": lambda: AiohttpClient(max_connections=10), "httpx": httpx.AsyncClient}
+    return {"http1": lambda: Http1Client(max_connections=10), "httpx": httpx.AsyncClient}
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["http1", "httpx"])
 async def both_clients(
     request: pytest.FixtureRequest, upstream_server: HostileUpstream
 ) -> AsyncIterator[Upstream]:
