@@ -139,9 +139,18 @@ class EntityResolver:
         """
         policy = self._policy
         space = self.space(instance, authorization)
-        keys = [self._cache.entity_key(e, space, i) for e in ENTITIES for i in wanted[e]]
+        keys: list[str] = []
+        for entity in ENTITIES:
+            head = self._cache.entity_key(entity, space, "")
+            keys += [head + entity_id for entity_id in wanted[entity]]
         budget = self._cache.budget()
-        entries = await self._read(keys, budget)
+        if policy.reads_ttls:
+            entries = await self._cache.read_with_ttl(keys, budget)
+        else:
+            raws = await self._cache.read_raw(keys, budget)
+            if raws is not None and None not in raws and self._checked.issuperset(map(hash, raws)):
+                return self._all_hits(instance, wanted, raws, budget)
+            entries = None if raws is None else list(zip(raws, itertools.repeat(-1)))
         resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
         refresh: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
@@ -184,6 +193,32 @@ class EntityResolver:
             )
         resolution.redis_wait = budget.spent
         return resolution
+
+    def _all_hits(
+        self,
+        instance: str,
+        wanted: dict[Entity, Sequence[str]],
+        raws: list[bytes | None],
+        budget: RedisBudget,
+    ) -> Resolution:
+        """The warm page, every value found and known valid: `resolve` without its per-id
+        loop, each step one C call over the page (a fifth of a warm request's Python)."""
+        values: dict[Entity, dict[str, bytes | None]] = {}
+        start = 0
+        for entity in ENTITIES:
+            ids = wanted[entity]
+            found: dict[str, bytes | None] = dict(
+                zip(ids, raws[start : start + len(ids)], strict=True)
+            )
+            start += len(ids)
+            if NEGATIVE in found.values():
+                for entity_id in [i for i, raw in found.items() if raw == NEGATIVE]:
+                    found[entity_id] = None
+            values[entity] = found
+            if ids:
+                metrics.child(metrics.CACHE_HITS, entity).inc(len(ids))
+        self._count(instance, len(raws), 0)
+        return Resolution(values=values, hits=len(raws), redis_wait=budget.spent)
 
     def space(self, instance: str, authorization: str | None) -> str:
         """Where the instance's entries live for this caller: the instance itself when the
@@ -253,15 +288,6 @@ class EntityResolver:
             await asyncio.wait(list(self._tasks), timeout=seconds)
 
     # -- reading ---------------------------------------------------------------------------
-
-    async def _read(
-        self, keys: list[str], budget: RedisBudget
-    ) -> list[tuple[bytes | None, int]] | None:
-        """Values (and remaining TTLs in ms when the policy needs them) in one round trip."""
-        if self._policy.reads_ttls:
-            return await self._cache.read_with_ttl(keys, budget)
-        raws = await self._cache.read_raw(keys, budget)
-        return None if raws is None else list(zip(raws, itertools.repeat(-1)))
 
     # -- fetching --------------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ class TestMemoryAfterAHugePage:
 
         # Large enough that what a process keeps anyway (~20 MB) is small beside it.
         page = orjson.dumps(
-            {"data": [{"id": n, "customerId": n, "userId": 1} for n in range(1, 60_001)]}
+            {"data": [{"id": n, "customerId": n, "userId": 1} for n in range(1, 90_001)]}
         )
         crm = await HostileUpstream().start()  # knows one customer and one user: others null
         async with contacts_api(page) as contacts_url:
