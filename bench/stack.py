@@ -53,8 +53,10 @@ SERVICE_ENV: dict[str, str] = {
 }
 #: TTL of the objects a warm scenario writes to Redis: longer than any run.
 PREFILL_TTL_SECONDS = 3600
-#: Inherited variables a child must not see (one process: in-memory metrics).
-UNSET_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+#: Inherited variables a child must not see: one process keeps its metrics in memory; and
+#: a Python that may not write bytecode compiles every module from source at each start
+#: (seconds of start-up; the Docker image ships compiled bytecode).
+UNSET_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "PYTHONDONTWRITEBYTECODE")
 
 
 @dataclass
@@ -94,9 +96,17 @@ class Sim:
     def reset(self) -> None:
         self._call("POST", "/_sim/reset")
 
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/_sim/stats")
+    def stats(self, *, per_id: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/_sim/stats" + ("?per_id=1" if per_id else ""))
         return result
+
+    def ids_fetched(self, instance: str) -> int:
+        """CRM ids (customers and users) fetched for `instance` since the last reset."""
+        prefix = f"{instance}:"
+        per_id = self.stats(per_id=True)["fetches_per_id"]
+        return sum(
+            n for counts in per_id.values() for key, n in counts.items() if key.startswith(prefix)
+        )
 
 
 @dataclass

@@ -56,9 +56,9 @@ class Options:
     duration: float = 5.0
     rounds: int = 3
     warmup: float = 2.0
-    #: wrk connections of the warm scenario: at the service's default admission limit (32),
-    #: so the measure is of serving, not of queueing
-    connections: int = 32
+    #: wrk connections of the warm scenario; None: each profile's own (32, at the service's
+    #: default admission limit, so the measure is of serving, not of queueing; 8 for big)
+    connections: int | None = None
     threads: int = 1
     #: the page profiles of the warm scenario (bench/profiles.py)
     profiles: tuple[str, ...] = tuple(PROFILES)
@@ -71,7 +71,7 @@ class Options:
     stampede: int = 200
     stampede_pages: int = 4
     memory_customers: int = 100_000
-    #: wrk connections of the overload scenario: eight times the warm scenario's
+    #: wrk connections of the overload scenario: eight times the warm scenario's (light)
     overload_connections: int = 256
     contacts_ms: float = 5.0
     crm_ms: float = 20.0

@@ -18,6 +18,8 @@ of per-round ratios.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -26,7 +28,7 @@ from bench.load import WrkResult, median, run_wrk, session, timed_get
 from bench.procs import cpu_seconds, main_thread_cpu_seconds
 from bench.profiles import PROFILES, Profile
 from bench.scenarios.common import Context, Section, enriched_ok, fmt, settle
-from bench.stack import Sim, Target
+from bench.stack import Target
 
 #: what the service answers when every id of the page was resolved
 COMPLETE = "complete"
@@ -45,12 +47,6 @@ def warm_targets(ctx: Context) -> list[str]:
     return names
 
 
-def sim_calls(sim: Sim) -> dict[str, int]:
-    """The simulator's calls so far: `crm` (customers and users) and `contacts`."""
-    calls = sim.stats()["calls"]
-    return {"crm": calls["customers"] + calls["users"], "contacts": calls["contacts"]}
-
-
 async def warm(ctx: Context) -> Section:
     opts = ctx.options
     targets = [ctx.target(n) for n in warm_targets(ctx)]
@@ -67,7 +63,7 @@ async def warm(ctx: Context) -> Section:
             "req/s per round",
             "p50 ms",
             "p99 ms",
-            "CRM calls during runs",
+            "CRM ids fetched during runs",
             "errors",
         ],
     )
@@ -86,8 +82,15 @@ async def warm(ctx: Context) -> Section:
         },
     }
     section.notes.append(
-        f"wrk -t{opts.threads} -c{opts.connections}, {opts.rounds} rounds × {opts.duration:g} s"
-        " per target and profile, the targets in turn, the order reversed every round. CPU"
+        "CRM ids: fetched from the simulator during the measured runs for the target's own"
+        " instance (each target reads its own copy of the objects): 0 means truly warm."
+        " Between two runs the benchmark waits until the last target is idle again (the"
+        " requests wrk left queued), so that none of its work falls in the next one's run."
+    )
+    section.notes.append(
+        f"wrk -t{opts.threads} at the connections given beside each profile, {opts.rounds}"
+        f" rounds × {opts.duration:g} s per target and profile, the targets in turn, the order"
+        " reversed every round. CPU"
         " ms/req: CPU time (from /proc) of the target process (all its threads) and of its"
         " main thread (the event loop) per request served. Ratios are medians of per-round"
         ' ratios; "Node / this" above 1 means this target spends less CPU per request than'
@@ -102,42 +105,44 @@ async def _profile(
     ctx: Context, profile: Profile, targets: list[Target], section: Section
 ) -> dict[str, Any]:
     opts, stack = ctx.options, ctx.stack
-    instance = profile.instance()
-    dbs = tuple(sorted({t.redis_db for t in targets if t.redis_db is not None}))
-    keys = stack.prefill(profile, instance, dbs)
-    path = f"/contacts?instance={instance}"
+    conns = opts.connections or profile.connections
+    # An instance per target, each with its own copy of the objects: the simulator then
+    # tells whose request fetched an id from the CRM.
+    instances = {t.name: profile.instance(f"w{i}") for i, t in enumerate(targets)}
+    keys = 0
+    for target in targets:
+        if target.redis_db is not None:
+            keys = stack.prefill(profile, instances[target.name], (target.redis_db,))
+    paths = {name: f"/contacts?instance={instance}" for name, instance in instances.items()}
 
-    checked = {t.name: await _check(ctx, t, path, profile) for t in targets}
+    checked = {t.name: await _check(t, paths[t.name], profile) for t in targets}
     bodies = {n: c["body"] for n, c in checked.items() if "body" in c}
-    same = "node" not in bodies or bodies["node"] == bodies.get("service")
+    same = "node" not in bodies or bodies["node"] == bodies["service"]
 
     if opts.warmup > 0:
         for target in targets:
             await run_wrk(
-                target.url + path, duration=opts.warmup, connections=opts.connections,
+                target.url + paths[target.name], duration=opts.warmup, connections=conns,
                 threads=opts.threads,
             )  # fmt: skip
+            await until_idle(target)
 
+    stack.sim.reset()  # count the measured runs only
     runs: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
     cpu_ms: dict[str, list[float]] = {t.name: [] for t in targets}
     main_ms: dict[str, list[float]] = {t.name: [] for t in targets}
-    crm_calls = dict.fromkeys(runs, 0)
-    sim_pages = dict.fromkeys(runs, 0)
     for round_no in range(opts.rounds):
         order = targets if round_no % 2 == 0 else targets[::-1]
         for target in order:
-            calls_before = sim_calls(stack.sim)
             cpu_before = cpu_seconds(target.child.pid)
             main_before = main_thread_cpu_seconds(target.child.pid)
             result = await run_wrk(
-                target.url + path, duration=opts.duration, connections=opts.connections,
+                target.url + paths[target.name], duration=opts.duration, connections=conns,
                 threads=opts.threads,
             )  # fmt: skip
             cpu = cpu_seconds(target.child.pid) - cpu_before
             main = main_thread_cpu_seconds(target.child.pid) - main_before
-            calls_after = sim_calls(stack.sim)
-            crm_calls[target.name] += calls_after["crm"] - calls_before["crm"]
-            sim_pages[target.name] += calls_after["contacts"] - calls_before["contacts"]
+            await until_idle(target)
             runs[target.name].append(result)
             per_request = 1000 / result.requests if result.requests else 0.0
             cpu_ms[target.name].append(cpu * per_request)
@@ -148,8 +153,10 @@ async def _profile(
                 f"  p99 {result.p99_ms:6.2f} ms  CPU {cpu_ms[target.name][-1]:5.2f} ms/req"
                 f" (main thread {main_ms[target.name][-1]:5.2f})"
                 + (f"  ERRORS {result.errors}" if result.errors else "")
-                + (f"  CRM CALLS {crm_calls[target.name]}" if crm_calls[target.name] else "")
             )
+    stats = stack.sim.stats()
+    sim_pages = stats["calls"]["contacts"]
+    crm_ids = {t.name: stack.sim.ids_fetched(instances[t.name]) for t in targets}
 
     def cpu_ratio(numerator: str, denominator: str) -> float | None:
         if numerator not in cpu_ms or denominator not in cpu_ms:
@@ -163,6 +170,7 @@ async def _profile(
         results = runs[target.name]
         row = {
             "label": target.label,
+            "instance": instances[target.name],
             "cpu_ms_per_request": median(cpu_ms[target.name]),
             "cpu_ms_per_request_rounds": cpu_ms[target.name],
             "main_thread_cpu_ms_per_request": median(main_ms[target.name]),
@@ -176,15 +184,14 @@ async def _profile(
             "p50_ms": median([r.p50_ms for r in results]),
             "p99_ms": median([r.p99_ms for r in results]),
             "errors": sum(r.errors for r in results),
-            "crm_calls_during_runs": crm_calls[target.name],
-            "sim_contacts_calls_during_runs": sim_pages[target.name],
+            "crm_ids_fetched_during_runs": crm_ids[target.name],
             "x_enrichment": checked[target.name]["enrichment"],
             "rounds": [r.as_dict() for r in results],
         }
         summary[target.name] = row
         section.rows.append(
             [
-                f"{profile.name} ({enriched / 1000:,.0f} KB)",
+                f"{profile.name} ({enriched / 1000:,.0f} KB, -c{conns})",
                 target.label,
                 f"{row['cpu_ms_per_request']:.3f} / {row['main_thread_cpu_ms_per_request']:.3f}",
                 _ratio(row["node_cpu_over_this"]),
@@ -193,32 +200,47 @@ async def _profile(
                 " / ".join(fmt(r.rps, 0) for r in results),
                 fmt(row["p50_ms"], 2),
                 fmt(row["p99_ms"], 2),
-                str(row["crm_calls_during_runs"]),
+                str(row["crm_ids_fetched_during_runs"]),
                 str(row["errors"]),
             ]
         )
     cids, uids = profile.referenced()
     if not same:
-        section.notes.append(f"WARNING: {profile.name}: the service's and Node's bodies differ.")
-    if any(crm_calls.values()):
+        section.notes.append(f"WARNING: {profile.name}: the service's and Node's pages differ.")
+    if any(crm_ids.values()) or sim_pages:
         section.notes.append(
-            f"WARNING: {profile.name}: CRM calls during the runs {crm_calls}: not all warm."
+            f"WARNING: {profile.name}: not all warm: CRM ids fetched during the runs {crm_ids},"
+            f" contacts pages asked of the simulator {sim_pages}."
         )
     return {
         "summary": profile.summary,
-        "instance": instance,
         "contacts": profile.contacts,
+        "connections": conns,
         "ids": len(cids) + len(uids),
         "prefilled_keys": keys,
         "page_bytes": len(profile.page()),
         "enriched_bytes": enriched,
         "bodies_equal_service_node": same,
+        "sim_contacts_calls_during_runs": sim_pages,
         "node_cpu_over_service": cpu_ratio("node", "service"),
         "targets": summary,
     }
 
 
-async def _check(ctx: Context, target: Target, path: str, profile: Profile) -> dict[str, Any]:
+async def until_idle(target: Target, timeout: float = 15.0) -> None:
+    """Until the target's process is (nearly) idle: requests wrk left queued when it stopped
+    must not run during the next target's measure."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(target.child.pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        now = cpu_seconds(target.child.pid)
+        if now - before <= 0.011:  # at most one clock tick in 100 ms
+            return
+        before = now
+
+
+async def _check(target: Target, path: str, profile: Profile) -> dict[str, Any]:
     """Before measuring: the page is served, enriched and warm (the service says complete)."""
     async with session() as http:
         for _ in range(2):
