@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, in order (default: all: {','.join(SCENARIOS)})",
     )
     parser.add_argument("--quick", action="store_true", help="tiny durations (smoke test)")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 5)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per target (default 3)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 3)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per target (default 6)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target")
     parser.add_argument(
         "--profiles",

@@ -53,8 +53,11 @@ class Variant:
 
 @dataclass(frozen=True)
 class Options:
-    duration: float = 5.0
-    rounds: int = 3
+    #: Many short runs rather than a few long ones: a per-round ratio compares two runs made
+    #: back to back, and the more of them, the less one busy spell of the machine moves
+    #: their median.
+    duration: float = 3.0
+    rounds: int = 6
     warmup: float = 2.0
     #: wrk connections of the warm scenario; None: each profile's own (32, at the service's
     #: default admission limit, so the measure is of serving, not of queueing; 8 for big)

@@ -9,11 +9,13 @@ enriched) and counted during the runs (the simulator's counters of CRM calls,
 and of contacts pages, which nginx must serve alone).
 
 Targets in turn, the order reversed every round (A B C, C B A, ...); wrk at
-`connections` for req/s and p50/p99; the CPU time the target process spent
-(all its threads, from /proc) per request served. CPU per request moves by a
-few percent between rounds on a shared machine where req/s moves by 20 %: it
-is the number to compare two builds, or two designs, with. Ratios are medians
-of per-round ratios.
+the profile's connections for req/s and p50/p99; the CPU time the target
+process spent (all its threads, from /proc) per request served, the number to
+compare two builds, or two designs, with: it does not depend on how much of
+the CPUs the target got. It still moves when other work shares the machine
+(by ±30 % between rounds with other test suites running), so a ratio is taken
+per round, between two runs made back to back, and the median over rounds is
+reported.
 """
 
 from __future__ import annotations
