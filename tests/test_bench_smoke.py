@@ -28,7 +28,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         [
             sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
             "--scenarios", "warm,cold,counts,overload", "--profiles", "light,big",
-            "--out", str(out),
+            "--variant", f"same={REPO},LOG_LEVEL=warning", "--out", str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -48,7 +48,7 @@ def test_warm_scenario_measures_every_target_on_each_profile(results: tuple[dict
 
     assert list(profiles) == ["light", "big"]
     for profile, section in profiles.items():
-        assert set(section["targets"]) == {"service", "passthrough"}, profile
+        assert set(section["targets"]) == {"service", "same", "passthrough"}, profile
         for name, row in section["targets"].items():
             assert row["rps"] > 0, (profile, name)
             assert row["p50_ms"] > 0, (profile, name)
@@ -68,7 +68,7 @@ def test_warm_pages_come_from_nginx_and_are_truly_warm(results: tuple[dict, str]
         for name, row in section["targets"].items():
             assert row["crm_ids_fetched_during_runs"] == 0, (profile, name)
         # each target reads its own instance, so a CRM fetch can be told apart
-        assert len({row["instance"] for row in section["targets"].values()}) == 2
+        assert len({row["instance"] for row in section["targets"].values()}) == 3
         assert section["prefilled_keys"] == section["ids"], profile
     # the enriched pages have the sizes docs/performance.md gives for the profiles
     assert 35_000 < profiles["light"]["enriched_bytes"] < 55_000
@@ -78,6 +78,22 @@ def test_warm_pages_come_from_nginx_and_are_truly_warm(results: tuple[dict, str]
     assert 600 < profiles["big"]["ids"] < 800
 
 
+def test_a_variant_is_measured_beside_the_service_on_every_profile(
+    results: tuple[dict, str],
+) -> None:
+    data, text = results
+    profiles = data["scenarios"]["warm"]["data"]["profiles"]
+
+    for profile, section in profiles.items():
+        variant = section["targets"]["same"]
+        assert variant["label"] == "service [same]", profile
+        assert variant["x_enrichment"] == "complete", profile
+        assert variant["cpu_over_service"] > 0, profile
+        assert section["targets"]["service"]["cpu_over_service"] is None, profile
+    assert data["scenarios"]["cold"]["data"]["paired_vs_service"]["same"]["pairs"] == 3
+    assert "| service [same] |" in text
+
+
 def test_cold_scenario_compares_with_the_upstream_called_directly(
     results: tuple[dict, str],
 ) -> None:
@@ -85,7 +101,7 @@ def test_cold_scenario_compares_with_the_upstream_called_directly(
     section = data["scenarios"]["cold"]["data"]
 
     assert section["profile"] == "big"
-    assert set(section["targets"]) == {"upstream", "service"}
+    assert set(section["targets"]) == {"upstream", "service", "same"}
     # 576 customers and 100 users in batches of 100: the same 7 CRM calls for both
     assert section["targets"]["upstream"]["crm_calls_per_request"] == 7
     assert section["targets"]["service"]["crm_calls_per_request"] == 7
@@ -113,7 +129,7 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
     data, _ = results
     section = data["scenarios"]["overload"]["data"]
 
-    assert set(section["targets"]) == {"service", "service-unlimited"}
+    assert set(section["targets"]) == {"service", "service-unlimited", "same"}
     for name, row in section["targets"].items():
         assert row["rps"] > 0, name
         assert row["requests"] > 0, name
