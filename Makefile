@@ -45,12 +45,12 @@ run: install
 	$(BIN)/python scripts/run_local.py
 
 lint: install
-	$(BIN)/ruff check app simupstream tests scripts
-	$(BIN)/ruff format --check app simupstream tests scripts
+	$(BIN)/ruff check app simupstream tests scripts bench
+	$(BIN)/ruff format --check app simupstream tests scripts bench
 
 format: install
-	$(BIN)/ruff check --fix app simupstream tests scripts
-	$(BIN)/ruff format app simupstream tests scripts
+	$(BIN)/ruff check --fix app simupstream tests scripts bench
+	$(BIN)/ruff format app simupstream tests scripts bench
 
 typecheck: install
 	$(BIN)/mypy

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import report
+from bench import profiles, report
 from bench.load import wrk_available
 from bench.procs import Children
 from bench.scenarios import SCENARIOS, Context, Options, Section, Variant
@@ -32,10 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, in order (default: all: {','.join(SCENARIOS)})",
     )
     parser.add_argument("--quick", action="store_true", help="tiny durations (smoke test)")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 5)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per target (default 3)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 3)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per target (default 6)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target")
-    parser.add_argument("--connections", type=int, help="wrk connections (default 64)")
+    parser.add_argument(
+        "--profiles",
+        help="page profiles of the warm scenario, in order (default: all:"
+        f" {','.join(profiles.PROFILES)})",
+    )
+    parser.add_argument(
+        "--cold-profile",
+        choices=list(profiles.PROFILES),
+        help="the page of the cold scenario (default: big, 1,000 contacts)",
+    )
+    parser.add_argument("--connections", type=int, help="wrk connections (default 32)")
     parser.add_argument("--threads", type=int, help="wrk threads (default 1)")
     parser.add_argument(
         "--overload-connections", type=int, help="wrk connections of the overload scenario (256)"
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warm-targets",
         help="comma-separated subset of the warm scenario's targets (service, node,"
-        " service-noredis, passthrough, variant names); default: all",
+        " passthrough, variant names); default: all",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument(
@@ -77,10 +87,16 @@ def options_from(args: argparse.Namespace) -> Options:
             ("threads", args.threads),
             ("cold_samples", args.cold_samples),
             ("overload_connections", args.overload_connections),
+            ("cold_profile", args.cold_profile),
         )
         if value is not None
     }
     overrides["skip_node"] = args.skip_node
+    if args.profiles is not None:
+        try:
+            overrides["profiles"] = profiles.parse(args.profiles)
+        except ValueError as exc:
+            raise SystemExit(f"--profiles: {exc}") from None
     variants: list[Variant] = []
     for spec in args.variant:
         head, *assignments = spec.split(",")

@@ -1,5 +1,10 @@
-"""What the benchmark runs: Redis, the simulated upstream, the service, the Node.js
-reference and the bare pass-through, each a child process on a free loopback port."""
+"""What the benchmark runs: Redis, the simulated upstream, nginx serving the page profiles,
+the service, the Node.js reference and the bare pass-through, each a child process on a
+free loopback port.
+
+Every target reads its contacts pages from nginx (bench/nginx.py: a profile's
+page from a file, anything else from the simulator) and the CRM from the
+simulator."""
 
 from __future__ import annotations
 
@@ -18,16 +23,21 @@ from typing import Any
 
 import redis
 
+from bench.nginx import start_nginx
 from bench.procs import LOOPBACK, Child, Children, free_port
+from bench.profiles import Profile
 
 REPO = Path(__file__).resolve().parent.parent
 #: The Node.js original, kept in the repository with its dependencies locked.
 NODE_SOURCE = REPO / "bench" / "seed-node"
 READY_TIMEOUT = 30.0
 
-#: Every setting of the service, pinned, so a developer's `.env` cannot skew a run.
+#: Every setting of the service, pinned, so a developer's `.env` cannot skew a run: the
+#: defaults of production (one JSON request line at `info`), and a CRM token of its own
+#: (the recommended mode), so the cache keys are `customer:<instance>:<id>`, the keys the
+#: Node.js design uses too.
 SERVICE_ENV: dict[str, str] = {
-    "LOG_LEVEL": "warning",
+    "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "UPSTREAM_TIMEOUT_SECONDS": "10",
     "UPSTREAM_BATCH_SIZE": "100",
@@ -39,10 +49,14 @@ SERVICE_ENV: dict[str, str] = {
     "REDIS_MODE": "standalone",
     "REDIS_TIMEOUT_SECONDS": "0.25",
     "ADMIN_TOKEN": "",
-    "CRM_API_TOKEN": "",
+    "CRM_API_TOKEN": "bench-crm-token",
 }
-#: Inherited variables a child must not see (one process: in-memory metrics).
-UNSET_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+#: TTL of the objects a warm scenario writes to Redis: longer than any run.
+PREFILL_TTL_SECONDS = 3600
+#: Inherited variables a child must not see: one process keeps its metrics in memory; and
+#: a Python that may not write bytecode compiles every module from source at each start
+#: (seconds of start-up; the Docker image ships compiled bytecode).
+UNSET_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "PYTHONDONTWRITEBYTECODE")
 
 
 @dataclass
@@ -82,9 +96,17 @@ class Sim:
     def reset(self) -> None:
         self._call("POST", "/_sim/reset")
 
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/_sim/stats")
+    def stats(self, *, per_id: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/_sim/stats" + ("?per_id=1" if per_id else ""))
         return result
+
+    def ids_fetched(self, instance: str) -> int:
+        """CRM ids (customers and users) fetched for `instance` since the last reset."""
+        prefix = f"{instance}:"
+        per_id = self.stats(per_id=True)["fetches_per_id"]
+        return sum(
+            n for counts in per_id.values() for key, n in counts.items() if key.startswith(prefix)
+        )
 
 
 @dataclass
@@ -92,6 +114,8 @@ class Stack:
     children: Children
     redis_child: Child
     sim: Sim
+    #: nginx: the profiles' pages from files, every other contacts page from the sim
+    contacts: Child
     node_dir: Path | None
     targets: dict[str, Target] = field(default_factory=dict)
     _admin: redis.Redis | None = None
@@ -108,6 +132,25 @@ class Stack:
     def redis_db(self, db: int = 0) -> redis.Redis:
         """A new client of database `db` (close it when done)."""
         return redis.Redis(host=LOOPBACK, port=self.redis_port, db=db, socket_timeout=10)
+
+    @property
+    def contacts_url(self) -> str:
+        return self.contacts.url
+
+    def prefill(self, profile: Profile, instance: str, dbs: tuple[int, ...]) -> int:
+        """Write every object `profile`'s page references to Redis, in each of `dbs`, as
+        both designs cache it: the same bytes for every target. The number of keys."""
+        entries = list(profile.cache_entries(instance))
+        for db in dbs:
+            client = self.redis_db(db)
+            try:
+                pipe = client.pipeline(transaction=False)
+                for key, value in entries:
+                    pipe.set(key, value, ex=PREFILL_TTL_SECONDS)
+                pipe.execute()
+            finally:
+                client.close()
+        return len(entries)
 
     @property
     def admin(self) -> redis.Redis:
@@ -131,8 +174,8 @@ class Stack:
         label: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Target:
-        """`uvicorn app.main:app` with the flags of every recorded run (docs/performance.md;
-        `python -m app` adds connection bounds and its log configuration); `db=None` is `USE_REDIS=false`.
+        """`python -m app`, the served configuration (the Docker image's command: uvicorn
+        with uvloop, httptools and the server's bounds); `db=None` is `USE_REDIS=false`.
 
         `source` is a folder holding an `app` package (a copy or a git worktree of the
         repository, for A/B runs); it comes first on the child's import path.
@@ -141,16 +184,14 @@ class Stack:
         env = {
             **SERVICE_ENV,
             **(env or {}),
-            "WHATSAPP_API_URL": self.sim.url,
+            "WHATSAPP_API_URL": self.contacts_url,
             "CRM_API_URL": self.sim.url,
             "USE_REDIS": "false" if db is None else "true",
             "REDIS_URL": f"{self.redis_url}/{db or 0}",
             "PYTHONPATH": str(source),
         }
         args = [
-            sys.executable, "-m", "uvicorn", "app.main:app",
-            "--host", LOOPBACK, "--port", str(port),
-            "--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            sys.executable, "-m", "app", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         ]  # fmt: skip
         child = self.children.spawn(name, args, env=env, cwd=source, port=port, unset=UNSET_ENV)
         if wait:
@@ -165,7 +206,7 @@ class Stack:
         port = free_port()
         env = {
             "PORT": str(port),
-            "WHATSAPP_API_URL": self.sim.url,
+            "WHATSAPP_API_URL": self.contacts_url,
             "CRM_API_URL": self.sim.url,
             "REDIS_URL": f"{self.redis_url}/{db or 0}",
             "USE_REDIS": "false" if db is None else "true",
@@ -183,7 +224,7 @@ class Stack:
         port = free_port()
         args = [
             sys.executable, "-m", "bench.passthrough",
-            "--port", str(port), "--upstream", self.sim.url,
+            "--port", str(port), "--upstream", self.contacts_url,
         ]  # fmt: skip
         child = self.children.spawn(name, args, cwd=REPO, port=port)
         child.wait_http("/health", READY_TIMEOUT)
@@ -191,7 +232,8 @@ class Stack:
 
 
 def start_stack(children: Children, *, node_dir: Path | None) -> Stack:
-    """Redis and the simulated upstream; the targets are started by `add_targets`."""
+    """Redis, the simulated upstream and nginx in front of it; the targets are started by
+    the scenarios (`Context.target`)."""
     redis_port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
     binary = shutil.which("redis-server")
@@ -231,7 +273,9 @@ def start_stack(children: Children, *, node_dir: Path | None) -> Stack:
         port=sim_port,
     )  # fmt: skip
     sim_child.wait_http("/healthz", READY_TIMEOUT)
-    return Stack(children, redis_child, Sim(sim_child), node_dir)
+    assert sim_child.port is not None
+    nginx = start_nginx(children, Path(tempfile.mkdtemp(prefix="bench-nginx-")), sim_child.port)
+    return Stack(children, redis_child, Sim(sim_child), nginx, node_dir)
 
 
 class NodeUnavailable(RuntimeError):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the servers the tests (and the benchmark) run for real, when they are missing:
-# redis-server and redis-cli, nginx, Prometheus (with promtool) and redis_exporter; and for
-# `bench`, wrk and Node.js/npm.
+# redis-server and redis-cli, nginx (also the benchmark's upstream of static contacts pages),
+# Prometheus (with promtool) and redis_exporter; and for `bench`, wrk and Node.js/npm.
 set -euo pipefail
 
 need=()

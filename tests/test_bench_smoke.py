@@ -27,7 +27,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     run = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
-            "--scenarios", "warm,counts,overload", "--out", str(out),
+            "--scenarios", "warm,cold,counts,overload", "--profiles", "light,big",
+            "--variant", f"same={REPO},LOG_LEVEL=warning", "--out", str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -41,17 +42,75 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
 
-def test_warm_scenario_measures_every_target(results: tuple[dict, str]) -> None:
+def test_warm_scenario_measures_every_target_on_each_profile(results: tuple[dict, str]) -> None:
     data, _ = results
-    targets = data["scenarios"]["warm"]["data"]["targets"]
+    profiles = data["scenarios"]["warm"]["data"]["profiles"]
 
-    assert set(targets) == {"service", "service-noredis", "passthrough"}
-    for name, row in targets.items():
-        assert row["rps"] > 0, name
-        assert row["p50_ms"] > 0, name
-        assert row["single_p50_ms"] > 0, name
-        assert row["cpu_ms_per_request"] >= 0, name
-        assert row["errors"] == 0, name
+    assert list(profiles) == ["light", "big"]
+    for profile, section in profiles.items():
+        assert set(section["targets"]) == {"service", "same", "passthrough"}, profile
+        for name, row in section["targets"].items():
+            assert row["rps"] > 0, (profile, name)
+            assert row["p50_ms"] > 0, (profile, name)
+            assert row["cpu_ms_per_request"] > 0, (profile, name)
+            assert row["errors"] == 0, (profile, name)
+
+
+def test_warm_pages_come_from_nginx_and_are_truly_warm(results: tuple[dict, str]) -> None:
+    data, _ = results
+    profiles = data["scenarios"]["warm"]["data"]["profiles"]
+
+    for profile, section in profiles.items():
+        service = section["targets"]["service"]
+        assert service["x_enrichment"] == "complete", profile
+        # nginx served every page (the simulator saw none), no id was fetched from the CRM
+        assert section["sim_contacts_calls_during_runs"] == 0, profile
+        for name, row in section["targets"].items():
+            assert row["crm_ids_fetched_during_runs"] == 0, (profile, name)
+        # each target reads its own instance, so a CRM fetch can be told apart
+        assert len({row["instance"] for row in section["targets"].values()}) == 3
+        assert section["prefilled_keys"] == section["ids"], profile
+    # the enriched pages have the sizes docs/performance.md gives for the profiles
+    assert 35_000 < profiles["light"]["enriched_bytes"] < 55_000
+    assert profiles["light"]["contacts"] == 100
+    assert 350_000 < profiles["big"]["enriched_bytes"] < 500_000
+    assert profiles["big"]["contacts"] == 1000
+    assert 600 < profiles["big"]["ids"] < 800
+
+
+def test_a_variant_is_measured_beside_the_service_on_every_profile(
+    results: tuple[dict, str],
+) -> None:
+    data, text = results
+    profiles = data["scenarios"]["warm"]["data"]["profiles"]
+
+    for profile, section in profiles.items():
+        variant = section["targets"]["same"]
+        assert variant["label"] == "service [same]", profile
+        assert variant["x_enrichment"] == "complete", profile
+        assert variant["cpu_over_service"] > 0, profile
+        assert section["targets"]["service"]["cpu_over_service"] is None, profile
+    assert data["scenarios"]["cold"]["data"]["paired_vs_service"]["same"]["pairs"] == 3
+    assert "| service [same] |" in text
+
+
+def test_cold_scenario_compares_with_the_upstream_called_directly(
+    results: tuple[dict, str],
+) -> None:
+    data, _ = results
+    section = data["scenarios"]["cold"]["data"]
+
+    assert section["profile"] == "big"
+    assert set(section["targets"]) == {"upstream", "service", "same"}
+    # 576 customers and 100 users in batches of 100: the same 7 CRM calls for both
+    assert section["targets"]["upstream"]["crm_calls_per_request"] == 7
+    assert section["targets"]["service"]["crm_calls_per_request"] == 7
+    assert section["partial_responses"] == 0
+    assert section["upstream_direct_ms"] >= section["crm_ms"]
+    assert section["service_overhead_ms"] == pytest.approx(
+        section["targets"]["service"]["p50_ms"] - section["upstream_direct_ms"]
+    )
+    assert section["service_overhead_over_node"] is None  # no Node.js here
 
 
 def test_counts_scenario_counts_redis_and_crm(results: tuple[dict, str]) -> None:
@@ -70,7 +129,7 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
     data, _ = results
     section = data["scenarios"]["overload"]["data"]
 
-    assert set(section["targets"]) == {"service", "service-unlimited"}
+    assert set(section["targets"]) == {"service", "service-unlimited", "same"}
     for name, row in section["targets"].items():
         assert row["rps"] > 0, name
         assert row["requests"] > 0, name
@@ -114,6 +173,9 @@ def test_markdown_report_has_the_tables(results: tuple[dict, str]) -> None:
 
     assert "## Summary" in text
     assert "## 1. Warm cache" in text
+    assert "## 2. Cold cache" in text
+    assert "| light (" in text
+    assert "| big (" in text
     assert "## 3. Per request, counted" in text
     assert "## 7. Overload" in text
     assert "| service |" in text
@@ -138,7 +200,7 @@ def test_report_says_uncommitted_only_when_the_tree_has_changes(
 
 
 def test_cold_variants_are_compared_request_by_request() -> None:
-    from bench.scenarios import _paired
+    from bench.scenarios.cold import _paired
 
     times = {"service": [50.0, 60.0, 90.0], "b": [48.0, 59.0, 70.0], "c": [55.0]}
     paired = _paired(times, ["b", "c"])
@@ -146,3 +208,46 @@ def test_cold_variants_are_compared_request_by_request() -> None:
     # b - service per pair: -2, -1, -20 (a slow spell that hit the service's request)
     assert paired["b"] == {"median_ms": -2.0, "mean_ms": -23 / 3, "pairs": 3}
     assert paired["c"] == {"median_ms": 5.0, "mean_ms": 5.0, "pairs": 1}
+
+
+def test_every_id_a_profile_references_exists_in_the_simulated_crm() -> None:
+    from bench.profiles import PROFILES, SIM_USERS
+    from simupstream import data
+
+    for profile in PROFILES.values():
+        cids, uids = profile.referenced()
+        assert len(cids) == len(set(cids)) > 0, profile.name
+        for cid in cids:
+            k = data.parse_customer_id(cid)
+            assert k is not None, (profile.name, cid)
+            assert data.customer("any", k) is not None, (profile.name, cid)
+        for uid in uids:
+            k = data.parse_user_id(uid)
+            assert k is not None, (profile.name, uid)
+            assert data.user("any", k, SIM_USERS) is not None, (profile.name, uid)
+
+
+def test_profiles_have_the_documented_shapes() -> None:
+    from bench.profiles import PROFILES
+
+    light, fat, big = PROFILES["light"], PROFILES["fat"], PROFILES["big"]
+    sizes = {name: len(value) for name, value in fat.cache_entries("fat")}
+    fat_customers = [v for k, v in sizes.items() if k.startswith("customer:")]
+    light_customers = [len(v) for k, v in light.cache_entries("light") if k.startswith("customer:")]
+
+    assert 600 < sum(fat_customers) / len(fat_customers) < 900
+    assert 150 < sum(light_customers) / len(light_customers) < 250
+    assert 100_000 < fat.enriched_bytes() < 130_000
+    assert sum(map(len, light.referenced())) in range(100, 140)
+    assert big.contacts == 1000
+    # keys are those both designs use in the token mode: customer:<instance>:<id>
+    assert next(iter(light.cache_entries("light")))[0] == "customer:light:1"
+
+
+def test_unknown_profiles_are_refused_by_name() -> None:
+    from bench import cli
+
+    with pytest.raises(SystemExit, match="unknown profiles \\['huge'\\]; known: light, fat, big"):
+        cli.options_from(cli.build_parser().parse_args(["--profiles", "light,huge"]))
+    options = cli.options_from(cli.build_parser().parse_args(["--profiles", "big,light"]))
+    assert options.profiles == ("big", "light")
