@@ -102,6 +102,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._disarm_head_deadline()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = _OneSend(self.transport, cycle, self.loop)  # type: ignore[assignment]
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
@@ -133,6 +136,48 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class _OneSend:
+    """The transport of one request's response: its head is held until the body's first
+    write (one loop turn at most), and both go out in one send. uvicorn writes them
+    apart, and the head's own send to an idle socket cost more CPU than the 44 KB body
+    after it (docs/performance.md). Everything else is the transport's."""
+
+    __slots__ = ("_cycle", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._cycle = cycle
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        cycle = self._cycle
+        if held is not None:
+            self._held = None
+            self._transport.writelines([held, data])
+        elif cycle is not None and cycle.response_started and data:
+            # the head (a 100 Continue is written before the response starts): held once
+            self._cycle = None
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,63 @@ class TestClientTime:
         assert min(slow_s) > HEAD_TIMEOUT_SECONDS - 1
         # Answered, then idle: uvicorn's keep-alive timeout.
         assert max(kept_s) < KEEP_ALIVE_SECONDS + SLACK_SECONDS
+
+
+class _Recorded:
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.sends.append(b"".join(chunks))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class _Cycle:
+    response_started = False
+
+
+class TestOneSendPerResponse:
+    """app.server._OneSend: a response's head waits for its body, and both go in one send."""
+
+    async def test_head_and_body_go_out_together_and_later_writes_straight(self) -> None:
+        from app.server import _OneSend
+
+        transport, cycle = _Recorded(), _Cycle()
+        writes = _OneSend(transport, cycle, asyncio.get_running_loop())  # type: ignore[arg-type]
+        writes.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: straight out
+        cycle.response_started = True
+        writes.write(b"HEAD")
+        assert transport.sends == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+        writes.write(b"BODY")
+        writes.write(b"MORE")
+        assert transport.sends[1:] == [b"HEADBODY", b"MORE"]
+        assert not writes.is_closing(), "the rest is the transport's"
+
+    async def test_a_head_alone_goes_out_at_the_next_loop_turn_or_at_close(self) -> None:
+        from app.server import _OneSend
+
+        loop = asyncio.get_running_loop()
+        transport, cycle = _Recorded(), _Cycle()
+        cycle.response_started = True
+        writes = _OneSend(transport, cycle, loop)  # type: ignore[arg-type]
+        writes.write(b"HEAD")  # a HEAD request's answer: no body follows
+        await asyncio.sleep(0)
+        assert transport.sends == [b"HEAD"]
+
+        transport, cycle = _Recorded(), _Cycle()
+        cycle.response_started = True
+        writes = _OneSend(transport, cycle, loop)  # type: ignore[arg-type]
+        writes.write(b"HEAD")
+        writes.close()
+        assert (transport.sends, transport.closed) == ([b"HEAD"], True)
+        await asyncio.sleep(0)
+        assert transport.sends == [b"HEAD"], "never twice"
