@@ -206,21 +206,21 @@ class Http1Client:
         self._open = 0  # connections open or opening
         self._waiters: deque[tuple[str, asyncio.Future[_Connection | None]]] = deque()
         self._closed = False
+        self._endpoints: dict[tuple[str, str], tuple[str, str, int, bool]] = {}
 
     async def get(self, url: str, headers: Sequence[tuple[str, str]], on_head: OnHead) -> Head:
         """GET `url` (absolute, ASCII) with `headers`; `on_head` decides what becomes of the
         body. Returns once the body has been handed over (or left unread). Raises
         `UpstreamConnectionError` (an `OSError`), what the sink raised, or `ValueError`
         for a header that would break the request."""
-        parts = urlsplit(url)
-        secure = parts.scheme == "https"
-        host = parts.hostname or ""
-        port = parts.port or (443 if secure else 80)
-        origin = f"{parts.scheme}://{host}:{port}"
-        target = parts.path or "/"
-        if parts.query:
-            target = f"{target}?{parts.query}"
-        request = _request(target, parts.netloc, headers)
+        scheme, _, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        target = "/" + path.partition("#")[0] if slash else "/"
+        endpoint = self._endpoints.get((scheme, netloc))
+        if endpoint is None:
+            endpoint = self._endpoints[(scheme, netloc)] = _endpoint(url)
+        origin, host, port, secure = endpoint
+        request = _request(target, netloc, headers)
         for attempt in (1, 2):
             connection = self._take_idle(origin) or await self._turn(origin)
             if connection is None:  # a turn to open one
@@ -334,6 +334,16 @@ class Http1Client:
         connection.close()
         self._open -= 1
         self._wake()
+
+
+def _endpoint(url: str) -> tuple[str, str, int, bool]:
+    """Where `url` goes: its origin (the pool's key), host, port, and whether over TLS."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url[:80]!r}")
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}", parts.hostname, port, secure
 
 
 def _request(target: str, host: str, headers: Sequence[tuple[str, str]]) -> bytes:
