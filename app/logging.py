@@ -60,6 +60,8 @@ _LEVEL_NAMES: Final = {
     logging.ERROR: "error",
     logging.CRITICAL: "critical",
 }
+# The fields the processors set on every line.
+_OWN_FIELDS: Final = frozenset({"event", "logger", "level", "timestamp", "pid"})
 # Values the fast path renders as they are: no text, so nothing to mask.
 _PLAIN_TYPES: Final = frozenset({int, float, bool, type(None)})
 
@@ -252,7 +254,7 @@ class HotLogger:
     def log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         handler = _fast_handler
         if handler is None:
-            self._structlog.log(level, event, **fields)
+            getattr(self._structlog, _LEVEL_NAMES[level])(event, **fields)
             return
         # The filters of the structlog path: its bound logger, the stdlib logger, the handler.
         if level < _min_level or level < handler.level or not self._stdlib.isEnabledFor(level):
@@ -260,9 +262,10 @@ class HotLogger:
         try:
             line = self._render(level, event, fields)
         except Exception:
-            # Something orjson refuses (a dict with int keys...): what the slow path does with it.
-            fields.pop("event", None)
-            self._structlog.log(level, event, **fields)
+            # Something orjson refuses (a dict with int keys...): the slow path reports it. The
+            # keys `_render` added are set again there, its masking changes nothing twice.
+            rest = {k: v for k, v in fields.items() if k not in _OWN_FIELDS}
+            getattr(self._structlog, _LEVEL_NAMES[level])(event, **rest)
             return
         handler.add(line)
 
