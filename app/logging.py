@@ -242,8 +242,9 @@ class HotLogger:
     chain would write (same fields, order and masking), at a fraction of its cost.
 
     `log()` takes the fields dict over and adds to it. With the console format,
-    or before `configure_logging`, it logs through structlog. Lines with a
-    traceback are for structlog's `exception` rendering: log them there.
+    before `configure_logging` or once its handler is gone from the root logger,
+    it logs through structlog. Its lines reach only that handler (not, say, pytest's
+    log capture). Lines with a traceback are for structlog's rendering: log them there.
     """
 
     def __init__(self, name: str) -> None:
@@ -253,7 +254,8 @@ class HotLogger:
 
     def log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         handler = _fast_handler
-        if handler is None:
+        if handler is None or handler not in logging.root.handlers:
+            # The console format, or logging configured by someone else since.
             getattr(self._structlog, _LEVEL_NAMES[level])(event, **fields)
             return
         # The filters of the structlog path: its bound logger, the stdlib logger, the handler.

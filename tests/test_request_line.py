@@ -223,6 +223,21 @@ class TestParityWithTheStructlogPath:
         assert "request_id=console-1" in fast
         assert CRM_TOKEN not in fast
 
+    def test_once_logging_is_configured_by_someone_else_lines_follow_that_configuration(
+        self, configure: Configure
+    ) -> None:
+        output = configure()
+        stream = io.StringIO()
+        saved = logging.root.handlers[:]
+        logging.root.handlers[:] = [logging.StreamHandler(stream)]
+        try:
+            HotLogger("app.access").log(logging.INFO, "request", {"status": 200})
+        finally:
+            logging.root.handlers[:] = saved
+
+        assert output.raw.writes == []
+        assert "'status': 200" in stream.getvalue(), "the structlog event, as that handler saw it"
+
     def test_a_stream_that_is_not_utf8_gets_the_same_bytes_as_before(
         self, configure: Configure
     ) -> None:
