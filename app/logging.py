@@ -12,28 +12,25 @@ wherever they appear, tracebacks included.
 One line is written for every request, so it has a fast path (`HotLogger`):
 the same JSON line, fields and masking, rendered without the structlog chain
 and the stdlib machinery, and written in one `write()` per event-loop
-iteration, always before any other line (`_Handler`).
+iteration, always before any other line (app.log_handler).
 """
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import datetime
-import errno
 import logging
 import os
 import re
-import select
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import IO, Any, Final
+from collections.abc import Iterable
+from typing import Any, Final
 
 import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from app.log_handler import BatchingHandler
 
 _HANDLER_NAME = "app.logging"
 _REDACTED = "[redacted]"
@@ -48,11 +45,6 @@ _CREDENTIAL = re.compile(
 # Libraries that log every call at INFO: the request line and the metrics already say it.
 _CHATTY = ("httpx", "httpcore", "hpack")
 _MIN_SECRET_LENGTH = 4
-# Fast lines waiting for the end of the event-loop iteration are written at once above
-# this: what memory holds, and what a crash can lose, stays bounded.
-_MAX_PENDING_BYTES = 64 * 1024
-# Writes of up to PIPE_BUF bytes reach a pipe whole, never mixed with another process's.
-_ATOMIC_WRITE: Final[int] = getattr(select, "PIPE_BUF", 512)
 _LEVEL_NAMES: Final = {
     logging.DEBUG: "debug",
     logging.INFO: "info",
@@ -72,7 +64,7 @@ _secret_may_be_a_timestamp = False
 _TIMESTAMP_CHARACTERS: Final = frozenset("0123456789-:.TZ")
 # The handler `configure_logging` installed when its format is JSON (the fast path's
 # output), else None: the console renderer keeps the structlog path.
-_fast_handler: _Handler | None = None
+_fast_handler: BatchingHandler | None = None
 _min_level = logging.INFO
 
 #: A logging dictConfig for `uvicorn --log-config <file.json>` (write it out as JSON):
@@ -169,13 +161,17 @@ def _shared_processors(fmt: str) -> list[Processor]:
     return shared
 
 
+def _format_name(fmt: str | None) -> str:
+    return (fmt or os.environ.get("LOG_FORMAT") or "json").lower()
+
+
 def formatter(fmt: str | None = None) -> logging.Formatter:
     """The stdlib formatter of this pipeline (`fmt`: "json" or "console", default `LOG_FORMAT`).
 
     Also usable from a logging dictConfig (`"()": "app.logging.formatter"`), which
     is how `uvicorn --log-config` puts the supervisor of `--workers N` through it.
     """
-    fmt = (fmt or os.environ.get("LOG_FORMAT") or "json").lower()
+    fmt = _format_name(fmt)
     renderer: Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=_use_colors())
@@ -198,7 +194,7 @@ def configure_logging(
 
     `secrets` (tokens from the settings) are masked wherever they would appear.
     """
-    global _secrets, _secret_may_be_a_timestamp
+    global _secrets, _secret_may_be_a_timestamp, _fast_handler, _min_level
     _secrets = tuple({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH})
     _secret_may_be_a_timestamp = any(set(s) <= _TIMESTAMP_CHARACTERS for s in _secrets)
     _masked.clear()
@@ -212,10 +208,9 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
-    global _fast_handler, _min_level
     if _fast_handler is not None:
         _fast_handler.flush()  # its pending lines before anything the new handler writes
-    handler = _Handler(sys.stdout)
+    handler = BatchingHandler(sys.stdout)
     handler.setFormatter(formatter(fmt))
     handler.setLevel(numeric)  # records propagated from loggers with their own lower level too
     handler.set_name(_HANDLER_NAME)
@@ -224,7 +219,7 @@ def configure_logging(
     # process (or pytest's log capture) added keep working.
     root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(numeric)
-    _fast_handler = handler if fmt != "console" else None
+    _fast_handler = handler if _format_name(fmt) != "console" else None
     _min_level = numeric
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
@@ -330,124 +325,3 @@ def _timestamp() -> str:
         _stamp_second = (second, prefix)
     # isoformat() leaves the fraction out when it is zero.
     return f"{prefix}.{micros:06d}Z" if micros else f"{prefix}Z"
-
-
-class _Handler(logging.StreamHandler[IO[str]]):
-    """The process's log handler: stdlib records as a StreamHandler writes them, and the
-    `HotLogger` lines, gathered over one event-loop iteration and written in one
-    `write()` after it.
-
-    Pending lines are written before any other record and whenever the handler is
-    flushed (`logging.shutdown` at exit does), so no line is lost on a clean stop and
-    the output keeps the order in which lines were logged. A crash loses at most the
-    lines of the iteration it interrupts (`_MAX_PENDING_BYTES` at most). A blocked
-    stdout blocks the writer, as it blocks the stdlib handler: nothing piles up.
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__(stream)
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._pending_lock = threading.Lock()
-        self._drain_loop: asyncio.AbstractEventLoop | None = None
-        self._binary: tuple[IO[str] | None, IO[bytes] | None] = (None, None)
-
-    def add(self, line: bytes) -> None:
-        with self._pending_lock:
-            self._pending.append(line)
-            self._pending_bytes += len(line)
-            full = self._pending_bytes >= _MAX_PENDING_BYTES
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if full or loop is None:
-            self.drain()
-        elif self._drain_loop is not loop:
-            # Also when an earlier loop was closed before it ran its drain.
-            self._drain_loop = loop
-            loop.call_soon(self._drain_from_loop)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.drain()
-        super().emit(record)
-
-    def flush(self) -> None:
-        self.drain()
-        super().flush()
-
-    def _drain_from_loop(self) -> None:
-        self._drain_loop = None
-        self.drain()
-
-    def drain(self) -> None:
-        """Write the pending lines now (under the handler's lock, so they precede any record
-        another thread writes after them)."""
-        if not self._pending:
-            return
-        self.acquire()
-        try:
-            with self._pending_lock:
-                lines, self._pending, self._pending_bytes = self._pending, [], 0
-            for chunk in _chunks(lines):
-                self._write(chunk)
-        except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "request lines lost"}))
-        finally:
-            self.release()
-
-    def _write(self, data: bytes) -> None:
-        stream = self.stream
-        binary = self._binary_of(stream)
-        if binary is None:
-            stream.write(data.decode())
-            stream.flush()
-        else:
-            stream.flush()  # text written to the stream before goes first
-            _write_all(binary, data)
-            binary.flush()
-
-    def _binary_of(self, stream: IO[str]) -> IO[bytes] | None:
-        """The byte stream under `stream` when its text is UTF-8 (so orjson's bytes go as
-        they are), else None."""
-        known, binary = self._binary
-        if known is not stream:
-            binary = getattr(stream, "buffer", None)
-            encoding = getattr(stream, "encoding", None) or ""
-            try:
-                utf8 = codecs.lookup(encoding).name == "utf-8"
-            except LookupError:
-                utf8 = False
-            binary = binary if utf8 else None
-            self._binary = (stream, binary)
-        return binary
-
-
-def _write_all(binary: IO[bytes], data: bytes) -> None:
-    # Under PYTHONUNBUFFERED (the Docker image) stdout's bytes go straight to a FileIO,
-    # whose write() may take only part of them.
-    view = memoryview(data)
-    while view:
-        written = binary.write(view)
-        if written is None:  # a non-blocking stdout that is full: what TextIOWrapper does
-            raise BlockingIOError(errno.EAGAIN, "stdout is full", len(data) - len(view))
-        view = view[written:]
-
-
-def _chunks(lines: list[bytes]) -> Iterator[bytes]:
-    """The lines joined into writes of at most `_ATOMIC_WRITE` bytes (a longer line alone).
-
-    A pipe takes a write that size whole, so the lines of the workers of
-    `--workers N`, which share stdout, never mix within a line, as with one
-    write per line.
-    """
-    chunk: list[bytes] = []
-    size = 0
-    for line in lines:
-        if chunk and size + len(line) > _ATOMIC_WRITE:
-            yield b"".join(chunk)
-            chunk, size = [], 0
-        chunk.append(line)
-        size += len(line)
-    if chunk:
-        yield b"".join(chunk)

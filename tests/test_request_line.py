@@ -29,6 +29,7 @@ import pytest
 import structlog
 
 import app.logging as app_logging
+from app.log_handler import ATOMIC_WRITE, MAX_PENDING_BYTES
 from app.logging import HotLogger, configure_logging
 from app.middleware import _observe
 from simupstream.app import Failure
@@ -417,7 +418,7 @@ class TestWriting:
         await asyncio.sleep(0)
 
         assert 1 < len(output.raw.writes) < 60
-        assert all(len(w) <= app_logging._ATOMIC_WRITE for w in output.raw.writes)
+        assert all(len(w) <= ATOMIC_WRITE for w in output.raw.writes)
         assert all(w.endswith(b"\n") for w in output.raw.writes)
         assert [r["n"] for r in output.records()] == list(range(60))
 
@@ -426,11 +427,11 @@ class TestWriting:
     ) -> None:
         output = configure()
         line = {"pad": "x" * 1000}
-        for _ in range(app_logging._MAX_PENDING_BYTES // 1000 + 1):
+        for _ in range(MAX_PENDING_BYTES // 1000 + 1):
             HotLogger("app.access").log(logging.INFO, "request", dict(line))
 
         written = sum(len(w) for w in output.raw.writes)
-        assert written >= app_logging._MAX_PENDING_BYTES, "memory holds a bounded amount"
+        assert written >= MAX_PENDING_BYTES, "memory holds a bounded amount"
 
     def test_a_stream_that_takes_part_of_a_write_still_gets_every_byte(
         self, configure: Configure
