@@ -290,7 +290,8 @@ class HotLogger:
         return orjson.dumps(line, default=repr, option=orjson.OPT_APPEND_NEWLINE)
 
 
-# Field names come from the code: a few dozen. Texts repeat (paths, instances, events).
+# Field names come from the code (a few dozen), texts repeat (paths, instances, events):
+# what each step made of them is remembered, up to a bound.
 _field_is_secret: dict[str, bool] = {}
 _masked: dict[str, str] = {}
 _MASKED_TEXTS = 1024
@@ -298,6 +299,8 @@ _MASKED_TEXT_LENGTH = 128
 
 
 def _remember_field(name: str) -> bool:
+    if len(_field_is_secret) >= _MASKED_TEXTS:
+        _field_is_secret.clear()
     secret = _field_is_secret[name] = _SECRET_FIELD.search(name) is not None
     return secret
 
