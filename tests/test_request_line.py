@@ -593,3 +593,22 @@ class TestServedProcess:
         requests = service.events("request")
 
         assert [(r["status"], r["level"]) for r in requests] == [(502, "warning")]
+
+    async def test_the_workers_of_a_stopped_service_leave_no_request_line_unwritten(
+        self, sim: Sim, redis_server: RedisServer, tmp_path: Path
+    ) -> None:
+        service = ServiceProcess(
+            service_env(sim, redis_server, "info"), workers=2, workdir=tmp_path
+        ).start()
+        fresh = httpx.Limits(max_keepalive_connections=0)  # requests spread over both workers
+        try:
+            async with httpx.AsyncClient(base_url=service.url, timeout=10, limits=fresh) as client:
+                for _ in range(4):
+                    batch = await asyncio.gather(*(client.get("/nope") for _ in range(25)))
+                    assert all(r.status_code == 404 for r in batch)
+        finally:
+            service.stop()
+        lines = service.events("request")
+
+        assert len(lines) == 100
+        assert len({line["pid"] for line in lines}) == 2
