@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.jsonutil import dumps
+from app.logging import HotLogger
 from app.validation import is_valid_instance
 
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -23,6 +25,7 @@ _INTERNAL_ERROR: Final = dumps({"detail": "internal error"})
 _NOSNIFF: Final = (b"x-content-type-options", b"nosniff")
 
 log = structlog.get_logger("app.access")
+access_log = HotLogger("app.access")
 
 
 class RequestContextMiddleware:
@@ -95,13 +98,13 @@ def _observe(
         **fields,
     }
     if error is not None:
-        log.error("request", **line, exc_info=error)
+        log.error("request", **line, exc_info=error)  # rare: structlog renders the traceback
     elif status >= 500:
-        log.warning("request", **line)
+        access_log.log(logging.WARNING, "request", line)
     elif route in _QUIET_ROUTES:
-        log.debug("request", **line)
+        access_log.log(logging.DEBUG, "request", line)
     else:
-        log.info("request", **line)
+        access_log.log(logging.INFO, "request", line)
 
 
 def _path_instance(scope: Scope) -> str | None:
