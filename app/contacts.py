@@ -8,7 +8,7 @@ objects are spliced in as raw JSON (`orjson.Fragment`), never re-parsed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -182,6 +182,15 @@ def _unique(ids: list[str | None]) -> list[str]:
     return cast(list[str], list(distinct))
 
 
+def _embedded(
+    found: dict[str, bytes | None], embed: Callable[[bytes], Any]
+) -> dict[str | None, Any]:
+    """The objects to embed by id; ids without one (`None`) left out."""
+    if None in found.values():
+        return {i: embed(raw) for i, raw in found.items() if raw is not None}
+    return dict(zip(found, map(embed, cast(Iterable[bytes], found.values())), strict=True))
+
+
 def _assemble(
     body: dict[str, object],
     items: list[dict[str, object]],
@@ -199,12 +208,7 @@ def _assemble(
     """
     embed = jsonutil.loads if exact else jsonutil.Fragment
     values = resolution.values
-    customers: dict[str | None, Any] = {
-        i: embed(raw) for i, raw in values["customer"].items() if raw is not None
-    }
-    users: dict[str | None, Any] = {
-        i: embed(raw) for i, raw in values["user"].items() if raw is not None
-    }
+    customers, users = _embedded(values["customer"], embed), _embedded(values["user"], embed)
     # (`get(None)` is None: no id, no object)
     for item, customer, user in zip(
         items, map(customers.get, customer_ids), map(users.get, user_ids), strict=True

@@ -361,16 +361,20 @@ def _parse_page(content: bytes | bytearray) -> ContactsPage:
 def _parse_entities(content: bytes | bytearray) -> dict[str, bytes]:
     """Each object's compact JSON by its id as a string; objects without a usable id are dropped."""
     try:
-        body = jsonutil.loads(content)
+        # Nesting is checked as each object is encoded, not by encoding the whole body first.
+        body, exact = jsonutil.parse(content, check_depth=False)
     except jsonutil.InvalidJSON as exc:
         raise CrmError(f"CRM answered a body that is not strict JSON: {exc}") from None
     data = body.get("data") if isinstance(body, Mapping) else None
     if not isinstance(data, list):
         raise CrmError("CRM answered without a data list")
     found: dict[str, bytes] = {}
-    for obj in data:
-        if isinstance(obj, dict):
-            key = obj.get("id")
-            if isinstance(key, int | str) and not isinstance(key, bool):
-                found[str(key)] = jsonutil.dumps(obj)
+    try:
+        for obj in data:
+            if isinstance(obj, dict):
+                key = obj.get("id")
+                if isinstance(key, int | str) and not isinstance(key, bool):
+                    found[str(key)] = jsonutil.dumps(obj, exact=exact)
+    except jsonutil.InvalidJSON as exc:
+        raise CrmError(f"CRM answered an object that cannot be stored: {exc}") from None
     return found
