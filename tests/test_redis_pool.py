@@ -110,6 +110,14 @@ class TestWarmConnectionPool:
         assert pool._redial is None
 
 
+async def one_warm_connection(redis_server: RedisServer) -> tuple[WarmConnectionPool, Redis]:
+    """A pool of one connection, open, and a client on it."""
+    pool = pool_for(redis_server, max_connections=1, warm=1)
+    pool.warm_up()
+    await eventually(lambda: pool._has_idle(), message="warm")
+    return pool, Redis.from_pool(pool)
+
+
 class TestTheWarmPath:
     """What a warm request's Redis call does: an idle connection taken without a read of its
     socket, one command without redis-py's per-call layers, the connection handed back."""
@@ -153,10 +161,7 @@ class TestTheWarmPath:
     async def test_a_command_cut_short_never_leaves_its_reply_to_the_next(
         self, redis_server: RedisServer
     ) -> None:
-        pool = pool_for(redis_server, max_connections=1, warm=1)
-        client = Redis.from_pool(pool)
-        pool.warm_up()
-        await eventually(lambda: pool._has_idle(), message="warm")
+        pool, client = await one_warm_connection(redis_server)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await lean_command(client, "BLPOP", "nothing", "0.3")
@@ -168,10 +173,7 @@ class TestTheWarmPath:
     async def test_an_error_reply_raises_and_keeps_the_connection(
         self, redis_server: RedisServer
     ) -> None:
-        pool = pool_for(redis_server, max_connections=1, warm=1)
-        client = Redis.from_pool(pool)
-        pool.warm_up()
-        await eventually(lambda: pool._has_idle(), message="warm")
+        pool, client = await one_warm_connection(redis_server)
         (connection,) = pool._available_connections
         with pytest.raises(ResponseError):
             await lean_command(client, "INCR", "a", "b")
