@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._head_read = 0  # bytes received while the head was incomplete
         self._head: Head | None = None
         self._on_head: OnHead | None = None
         self._sink: BodySink | None = None
@@ -83,6 +84,14 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._received = True
+        if self._head is None:
+            # httptools gathers a header line whole before handing it over: what arrives
+            # before the head is complete is counted, so that one endless line cannot grow
+            # the parser's buffer past the bound and one read.
+            if self._head_read > MAX_HEAD_BYTES:
+                self._fail(UpstreamConnectionError(f"answer head above {MAX_HEAD_BYTES} bytes"))
+                return
+            self._head_read += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -166,6 +175,7 @@ class _Connection(asyncio.Protocol):
         return not self._received
 
     def reset(self) -> None:
+        self._head_read = 0
         self._raised = None
         self._head = None
         self._on_head = self._sink = None

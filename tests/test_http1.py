@@ -234,6 +234,25 @@ class TestAnswers:
         assert client._open == 0
         await client.aclose()
 
+    async def test_an_endless_header_line_is_cut_at_the_bound(
+        self, start_server: StartServer
+    ) -> None:
+        async def endless(_: bytes, writer: asyncio.StreamWriter) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(10_000):  # 160 MB if nobody stops reading
+                    writer.write(b"a" * 16_384)
+                    await writer.drain()
+            return False
+
+        server = await start_server(endless)
+        client = Http1Client(max_connections=2)
+        async with asyncio.timeout(10):
+            with pytest.raises(UpstreamConnectionError, match="head above"):
+                await get(client, server.url)
+        assert client._open == 0
+        await client.aclose()
+
     async def test_an_unwanted_body_is_left_unread_with_its_connection(
         self, start_server: StartServer
     ) -> None:
