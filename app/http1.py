@@ -7,12 +7,13 @@ little of it: GET only, no redirects, no cookies, no proxies, its own decompress
 (app.bodies), one deadline per call set by the caller. What it keeps:
 
 * at most `max_connections` connections open, callers waiting in turn for one;
-* idle connections closed after `keepalive_seconds` (below the usual 5 s server idle
-  timeout), and dropped when the server closes them;
+* an idle connection is not reused after `keepalive_seconds` (below the usual 5 s
+  server idle timeout: it is closed when next found), nor once the server closed it;
 * a GET sent on a reused connection that the server closed before answering (the
   keep-alive race) is sent once more on a new connection: nothing of it was processed;
-* a connection is reused only after a complete response the server let stay open, and
-  is closed on any error, refusal or cancellation (the caller's deadline);
+* a connection is reused only after a complete response the server let stay open and
+  nothing after it, and is closed on any error, refusal or cancellation (the caller's
+  deadline); a body that ends with its connection must end with a close, not a reset;
 * response heads bounded to `MAX_HEAD_BYTES`; header values sent as their latin-1 bytes.
 """
 
@@ -35,6 +36,10 @@ _UNSAFE_IN_HEADER: Final = frozenset("\r\n\0")
 
 class UpstreamConnectionError(ConnectionError):
     """The upstream could not be reached, closed the connection, or answered malformed HTTP."""
+
+
+class _Unsolicited(Exception):
+    """Bytes after the answer of the exchange in flight (raised to stop the parser there)."""
 
 
 class Head:
@@ -73,6 +78,7 @@ class _Connection(asyncio.Protocol):
         self._received = False
         self._done: asyncio.Future[Head] | None = None
         self._raised: Exception | None = None
+        self._complete = False  # this exchange's answer is whole
 
     # -- asyncio -------------------------------------------------------------------------
 
@@ -96,6 +102,9 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised: the sink's refusal, the head bound
+            if isinstance(self._raised, _Unsolicited):
+                self.close()  # the answer stands; the connection is not reused
+                return
             self._fail(self._raised or UpstreamConnectionError(f"malformed HTTP answer: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -104,12 +113,17 @@ class _Connection(asyncio.Protocol):
         if done is None or done.done():
             return
         head = self._head
-        if head is not None and not self._body_delimited:
+        if head is not None and not self._body_delimited and exc is None:
             done.set_result(head)  # a body that ends with the connection: this is its end
             return
         self._fail(UpstreamConnectionError("upstream closed the connection"))
 
     # -- httptools -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # bytes after this exchange's answer: the connection is not sound
+            self._raised = _Unsolicited()
+            raise self._raised
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
@@ -152,7 +166,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         head = self._head
         if head is None:  # the end of an informational answer
-            self._head_bytes = 0
+            self._head_bytes = self._head_read = 0
             return
         self._finish(head, reusable=self.parser.should_keep_alive())
 
@@ -163,6 +177,7 @@ class _Connection(asyncio.Protocol):
         self._done = asyncio.get_running_loop().create_future()
         self._on_head = on_head
         self._received = False
+        self._complete = False
         if self.transport.is_closing():  # closed under our feet: as if lost as it was sent
             self._fail(UpstreamConnectionError("upstream closed the connection"))
         else:
@@ -188,6 +203,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self, head: Head, *, reusable: bool) -> None:
+        self._complete = True
         if not reusable:
             self.close()
         if self._done is not None and not self._done.done():
@@ -216,7 +232,7 @@ class Http1Client:
         self._open = 0  # connections open or opening
         self._waiters: deque[tuple[str, asyncio.Future[_Connection | None]]] = deque()
         self._closed = False
-        self._endpoints: dict[tuple[str, str], tuple[str, str, int, bool]] = {}
+        self._endpoints: dict[tuple[str, str], tuple[str, str, int, bool, str]] = {}
 
     async def get(self, url: str, headers: Sequence[tuple[str, str]], on_head: OnHead) -> Head:
         """GET `url` (absolute, ASCII) with `headers`; `on_head` decides what becomes of the
@@ -229,8 +245,8 @@ class Http1Client:
         endpoint = self._endpoints.get((scheme, netloc))
         if endpoint is None:
             endpoint = self._endpoints[(scheme, netloc)] = _endpoint(url)
-        origin, host, port, secure = endpoint
-        request = _request(target, netloc, headers)
+        origin, host, port, secure, authority = endpoint
+        request = _request(target, authority, headers)
         for attempt in (1, 2):
             connection = self._take_idle(origin) or await self._turn(origin)
             if connection is None:  # a turn to open one
@@ -282,17 +298,18 @@ class Http1Client:
         try:
             return await waiter
         except BaseException:
-            if not waiter.done() or waiter.cancelled():
+            if waiter.done() and not waiter.cancelled():
+                if (handed := waiter.result()) is not None:
+                    self._release(handed)  # handed over just as this caller gave up
+                else:
+                    self._open -= 1  # a turn, likewise
+                    self._wake()
+            elif entry in self._waiters:  # (a hand-over may have skipped it already)
                 self._waiters.remove(entry)
-            elif (handed := waiter.result()) is not None:
-                self._release(handed)  # handed over just as this caller gave up
-            else:
-                self._open -= 1  # a turn, likewise
-                self._wake()
             raise
 
     def _close_oldest_idle(self) -> None:
-        """At the cap, an idle connection (to any origin) makes way for a new one."""
+        """At the cap, an idle connection (to another origin) makes way for a new one."""
         for idle in self._idle.values():
             if idle:
                 self._drop(idle.popleft())
@@ -302,8 +319,9 @@ class Http1Client:
         """Give turns to open a connection to the first waiters, while below the cap."""
         while self._waiters and self._open < self._max:
             _, waiter = self._waiters.popleft()
-            self._open += 1
-            waiter.set_result(None)
+            if not waiter.done():  # (a waiter cancelled this very turn is passed over)
+                self._open += 1
+                waiter.set_result(None)
 
     async def _connect(self, origin: str, host: str, port: int, secure: bool) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -328,6 +346,8 @@ class Http1Client:
         if connection.closed or self._closed:
             self._drop(connection)
             return
+        if any(waiter.done() for _, waiter in self._waiters):  # cancelled this very turn
+            self._waiters = deque(e for e in self._waiters if not e[1].done())
         for entry in self._waiters:  # handed straight to a caller waiting for its origin
             if entry[0] == connection.origin:
                 self._waiters.remove(entry)
@@ -346,14 +366,17 @@ class Http1Client:
         self._wake()
 
 
-def _endpoint(url: str) -> tuple[str, str, int, bool]:
-    """Where `url` goes: its origin (the pool's key), host, port, and whether over TLS."""
+def _endpoint(url: str) -> tuple[str, str, int, bool, str]:
+    """Where `url` goes: its origin (the pool's key), host, port, whether over TLS, and its
+    `Host` header. Credentials in a URL are refused: they would be sent as the host."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url[:80]!r}")
+        raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in an upstream URL are not supported")
     secure = parts.scheme == "https"
     port = parts.port or (443 if secure else 80)
-    return f"{parts.scheme}://{parts.hostname}:{port}", parts.hostname, port, secure
+    return f"{parts.scheme}://{parts.hostname}:{port}", parts.hostname, port, secure, parts.netloc
 
 
 def _request(target: str, host: str, headers: Sequence[tuple[str, str]]) -> bytes:

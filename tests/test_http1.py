@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -184,6 +187,38 @@ class TestConnections:
         await client.aclose()
         assert client._open == 0
 
+    async def test_callers_giving_up_at_every_moment_leave_the_pool_whole(
+        self, start_server: StartServer
+    ) -> None:
+        rng = random.Random(13)
+
+        async def jittery(head: bytes, writer: asyncio.StreamWriter) -> bool:
+            await asyncio.sleep(rng.choice([0, 0.001, 0.002, 0.003]))
+            return await ok()(head, writer)
+
+        server = await start_server(jittery)
+        client = Http1Client(max_connections=4)
+        other: list[BaseException] = []
+
+        async def one() -> None:
+            try:
+                async with asyncio.timeout(rng.choice([0.001, 0.002, 0.004, 0.01])):
+                    await get(client, server.url)
+            except TimeoutError:
+                pass
+            except BaseException as exc:  # anything but the deadline is a defect
+                other.append(exc)
+
+        for _ in range(8):
+            await asyncio.gather(*(one() for _ in range(100)))
+        assert other == []
+        assert not client._waiters
+        async with asyncio.timeout(5):
+            head, _ = await get(client, server.url)
+        assert head.status == 200, "the pool still serves"
+        await client.aclose()
+        assert client._open == 0, "every connection accounted for"
+
 
 class TestAnswers:
     async def test_chunked_and_until_close_bodies_arrive_whole(
@@ -251,6 +286,59 @@ class TestAnswers:
             with pytest.raises(UpstreamConnectionError, match="head above"):
                 await get(client, server.url)
         assert client._open == 0
+        await client.aclose()
+
+    async def test_bytes_after_an_answer_are_nobodys_answer(
+        self, start_server: StartServer
+    ) -> None:
+        async def extra(head: bytes, writer: asyncio.StreamWriter) -> bool:
+            if len(server.requests) == 1:  # its answer and, in the same write, another's start
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nfirst-1"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nSTALE-"
+                )
+                return True
+            return await ok(b"second-2")(head, writer)
+
+        server = await start_server(extra)
+        client = Http1Client(max_connections=2)
+        heads: list[int] = []
+        chunks: list[bytes] = []
+
+        def on_head(head: Head) -> Callable[[bytes], None]:
+            heads.append(head.status)
+            return chunks.append
+
+        await client.get(server.url, [], on_head)
+        assert (heads, b"".join(chunks)) == ([200], b"first-1")
+        head, body = await get(client, server.url)
+        assert (head.status, body) == (200, b"second-2"), "not the stray bytes"
+        assert server.connections == 2, "the connection that carried them was not reused"
+        await client.aclose()
+
+    async def test_a_reset_is_not_the_end_of_a_body(self, start_server: StartServer) -> None:
+        async def reset(_: bytes, writer: asyncio.StreamWriter) -> bool:
+            writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"data": [1, 2, 3')
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # RST, not FIN
+            return False
+
+        server = await start_server(reset)
+        client = Http1Client(max_connections=2)
+        with pytest.raises(UpstreamConnectionError):
+            await get(client, server.url)
+        await client.aclose()
+
+    async def test_credentials_in_the_url_are_refused_not_sent_as_the_host(
+        self, start_server: StartServer
+    ) -> None:
+        server = await start_server(ok())
+        client = Http1Client(max_connections=2)
+        with pytest.raises(ValueError, match="credentials"):
+            await get(client, server.url.replace("http://", "http://user:secret@"))
+        assert server.requests == []
         await client.aclose()
 
     async def test_an_unwanted_body_is_left_unread_with_its_connection(
