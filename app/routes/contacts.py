@@ -217,41 +217,35 @@ FAST_QUERY = "app.contacts_query"
 
 
 def fast_query(raw: bytes) -> tuple[str, str] | None:
-    """The instance and the query to forward when `raw` names exactly one valid instance
-    (as Starlette parses a query: split on `&`, then on the first `=`, each side
-    unquoted); None otherwise."""
-    text = raw.decode("latin-1")
+    """The instance and the query to forward when `raw` names exactly one valid instance;
+    None otherwise."""
+    instances, query = _split_query(raw)
+    if len(instances) != 1 or not is_valid_instance(instances[0]):
+        return None
+    return instances[0], query
+
+
+def _forwarded_query(raw: bytes) -> str:
+    """The raw query string without `instance`, byte for byte otherwise."""
+    instances, query = _split_query(raw)
+    if len(instances) > 1:
+        raise AmbiguousInstance()
+    return query
+
+
+def _split_query(raw: bytes) -> tuple[list[str], str]:
+    """The values of `instance`, as Starlette parses a query (split on `&`, then on the
+    first `=`, each side unquoted), and the query without them, byte for byte otherwise."""
+    instances: list[str] = []
     kept: list[str] = []
-    instance: str | None = None
-    for part in text.split("&"):
+    for part in raw.decode("latin-1").split("&"):
         if not part:
             continue
         name, _, value = part.partition("=")
         if name == "instance" or (
             ("%" in name or "+" in name) and unquote_plus(name) == "instance"
         ):
-            if instance is not None:
-                return None
-            instance = unquote_plus(value)
-            continue
-        kept.append(part)
-    if instance is None or not is_valid_instance(instance):
-        return None
-    return instance, "&".join(kept)
-
-
-def _forwarded_query(raw: bytes) -> str:
-    """The raw query string without `instance`, byte for byte otherwise."""
-    kept: list[str] = []
-    seen_instance = False
-    for part in raw.decode("latin-1").split("&"):
-        if not part:
-            continue
-        name = unquote_plus(part.partition("=")[0])
-        if name == "instance":
-            if seen_instance:
-                raise AmbiguousInstance()
-            seen_instance = True
-            continue
-        kept.append(part)
-    return "&".join(kept)
+            instances.append(unquote_plus(value))
+        else:
+            kept.append(part)
+    return instances, "&".join(kept)
