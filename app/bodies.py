@@ -1,11 +1,12 @@
 """Upstream bodies read incrementally, decompressed here, and abandoned past a size bound.
 
-Neither HTTP client bounds what it inflates: aiohttp and httpx hand each
+HTTP libraries do not bound what they inflate: httpx (and aiohttp) hand each
 compressed chunk to zlib whole, and a 64 KiB chunk of a gzip bomb inflates to
 64 MiB in one call. So the service asks for `gzip, deflate` only, takes the
-raw bytes from either client, and inflates them here at most `_STEP` bytes at
-a time, counting what comes out: past the limit the body is refused before it
-grows further, whatever it claimed or how it was encoded.
+raw bytes from its client (app.http1, or httpx in tests), and inflates them
+here at most `_STEP` bytes at a time, counting what comes out: past the limit
+the body is refused before it grows further, whatever it claimed or how it was
+encoded.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A lean HTTP/1.1 client for the upstream GETs: keep-alive connections pooled per origin,
 responses parsed by httptools (llhttp, uvicorn's parser), bodies handed over as they arrive.
 
-aiohttp spent about 4x the CPU of this on a GET of a 10 KB page (230 vs 50 us on the
-benchmark machine), a sixth of a warm request (docs/performance.md). The service needs
+aiohttp spent about three times the CPU of this on a GET of a 10 KB page (222-253 vs
+71-97 us on the benchmark machine; docs/performance.md). The service needs
 little of it: GET only, no redirects, no cookies, no proxies, its own decompression
 (app.bodies), one deadline per call set by the caller. What it keeps:
 
