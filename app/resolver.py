@@ -426,19 +426,20 @@ class EntityResolver:
         token = uuid.uuid4().hex
         # No lease call that the request's budget no longer affords: it would be skipped,
         # and its leases then released by token although none was taken.
+        lease_key = self._cache.lease_key(space)
         if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
-            lease_keys = [self._cache.lease_key(e, space, i) for e, i in mine]
+            fields = [f"{e}:{i}" for e, i in mine]  # Cache.lease_field, inline
             taken = await self._cache.take_leases(
-                lease_keys, token, int(policy.lease_ttl * 1000), budget
+                lease_key, fields, token, int(policy.lease_ttl * 1000), budget
             )
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
-                held = [key for key, ok in zip(lease_keys, taken, strict=True) if ok]
+                held = [field for field, ok in zip(fields, taken, strict=True) if ok]
             elif self._cache.releases_by_token:
                 # The call failed, yet part of it may have run (one of several script
                 # calls): release every lease it may have taken, checked by token.
-                held = lease_keys
+                held = fields
 
         async def fetch(entity: Entity, ids: list[str], to_store: list[_Stored]) -> None:
             try:
@@ -498,6 +499,7 @@ class EntityResolver:
                     ],
                     release=release,
                     token=token,
+                    lease_key=lease_key,
                 )
 
         async def await_other_replicas() -> None:
@@ -537,18 +539,19 @@ class EntityResolver:
         while pending and loop.time() < deadline:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 2, _POLL_MAX)
-            keys = [self._cache.entity_key(e, space, i) for e, i in pending]
-            keys += [self._cache.lease_key(e, space, i) for e, i in pending]
-            entries = await self._cache.read_with_ttl(keys, budget)
+            entries = await self._cache.read_leased(
+                [self._cache.entity_key(e, space, i) for e, i in pending],
+                self._cache.lease_key(space),
+                [self._cache.lease_field(e, i) for e, i in pending],
+                budget,
+            )
             if entries is None:
                 break
             still: list[tuple[Entity, str]] = []
-            for n, (entity, entity_id) in enumerate(pending):
-                raw, pttl = entries[n]
-                lease, _ = entries[n + len(pending)]
+            for (entity, entity_id), (raw, pttl, leased) in zip(pending, entries, strict=True):
                 if raw is not None and (not stale_ms or pttl < 0 or pttl > stale_ms):
                     futures[(entity, space, entity_id)].set_result(None if raw == NEGATIVE else raw)
-                elif lease is None:
+                elif not leased:
                     given_up.append((entity, entity_id))  # the holder failed or gave up
                 else:
                     still.append((entity, entity_id))

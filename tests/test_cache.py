@@ -133,12 +133,15 @@ class TestRoundTrips:
         }
 
         assert commands["mget"] == 1
-        # Two scripts: one takes the leases (SET NX PX), one stores the values (SET EX)
-        # and releases the leases; redis.call inside them counts in commandstats too.
+        # Two scripts: one takes the leases (one HSET into the instance's lease hash), one
+        # stores the values (SET EX) and releases the leases (one HDEL); redis.call inside
+        # them counts in commandstats too.
         assert commands["evalsha"] == 2
-        assert commands["set"] == 2 * len(unique)
-        assert commands["unlink"] == len(unique)
+        assert commands["set"] == len(unique)
+        assert commands["hset"] == 1
+        assert commands["hdel"] == 1
         assert not {"multi", "exec", "expire"} & set(commands)
+        assert list(redis_server.client().scan_iter(match="lease:*")) == [], "hash deleted"
 
     async def test_leases_of_a_lease_call_that_failed_half_way_are_released(
         self, service: Service, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
@@ -146,9 +149,14 @@ class TestRoundTrips:
         real = Cache.take_leases
 
         async def half_failed(
-            self: Cache, keys: Sequence[str], token: str, ttl_ms: int, budget: object = None
+            self: Cache,
+            key: str,
+            fields: Sequence[str],
+            token: str,
+            ttl_ms: int,
+            budget: object = None,
         ) -> None:
-            await real(self, keys[: len(keys) // 2], token, ttl_ms)  # one call ran...
+            await real(self, key, fields[: len(fields) // 2], token, ttl_ms)  # one call ran...
             # ...and the other failed: the caller cannot tell which leases it holds
 
         monkeypatch.setattr(Cache, "take_leases", half_failed)

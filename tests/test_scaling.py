@@ -67,9 +67,11 @@ class TestLeasesAcrossReplicas:
         service = await start_service(cache_lease_wait_seconds=0.3)
         # another replica holds every lease and never delivers (it died mid-fetch)
         client = redis_server.client()
+        held = f"dead-replica:{int(time.time() * 1000) + 60_000}"
         for customer in range(1, 60):
-            client.set(f"lease:customer:acme:{customer}", "dead-replica", px=60_000)
-            client.set(f"lease:customer:acme:cus_{customer}", "dead-replica", px=60_000)
+            client.hset("lease:acme", f"customer:{customer}", held)
+            client.hset("lease:acme", f"customer:cus_{customer}", held)
+        client.pexpire("lease:acme", 60_000)
         started = time.monotonic()
         response = await service.get("/contacts?instance=acme&per_page=20")
         elapsed = time.monotonic() - started
