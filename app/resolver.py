@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import structlog
 
@@ -152,6 +152,10 @@ class EntityResolver:
             raws = await self._cache.read_raw(keys, budget)
             if raws is not None and None not in raws and self._checked.issuperset(map(hash, raws)):
                 return self._all_hits(instance, wanted, raws, budget)
+            if raws is not None and raws.count(None) == len(raws):
+                return await self._all_misses(
+                    instance, space, wanted, authorization, request_id, slot, budget
+                )
             entries = None if raws is None else list(zip(raws, itertools.repeat(-1)))
         resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
@@ -221,6 +225,30 @@ class EntityResolver:
                 metrics.child(metrics.CACHE_HITS, entity).inc(len(ids))
         self._count(instance, len(raws), 0)
         return Resolution(values=values, hits=len(raws), redis_wait=budget.spent)
+
+    async def _all_misses(
+        self,
+        instance: str,
+        space: str,
+        wanted: dict[Entity, Sequence[str]],
+        authorization: str | None,
+        request_id: str,
+        slot: Slot | None,
+        budget: RedisBudget,
+    ) -> Resolution:
+        """The cold page, no value found: `resolve` without its per-id loop."""
+        resolution = Resolution(values={e: {} for e in ENTITIES})
+        misses = {entity: list(wanted[entity]) for entity in ENTITIES}
+        for entity, ids in misses.items():
+            if ids:
+                metrics.child(metrics.CACHE_MISSES, entity).inc(len(ids))
+            resolution.misses += len(ids)
+        self._count(instance, 0, resolution.misses)
+        await self._fetch_misses(
+            space, misses, {}, authorization, request_id, resolution, slot, budget
+        )
+        resolution.redis_wait = budget.spent
+        return resolution
 
     def space(self, instance: str, authorization: str | None) -> str:
         """Where the instance's entries live for this caller: the instance itself when the
@@ -297,15 +325,19 @@ class EntityResolver:
         self, space: str, ids: dict[Entity, list[str]]
     ) -> tuple[dict[Entity, list[str]], dict[_Key, asyncio.Future[_Result]]]:
         """Register a future for each id nobody in this process is fetching yet."""
-        loop = asyncio.get_running_loop()
-        owned: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
+        create_future = asyncio.get_running_loop().create_future
+        inflight = self._inflight
+        owned: dict[Entity, list[str]] = {}
         mine: dict[_Key, asyncio.Future[_Result]] = {}
+        # One comprehension per step (a cold page claims hundreds of ids); the ids of one
+        # entity are distinct (app.contacts._unique).
         for entity in ENTITIES:
-            for entity_id in ids[entity]:
-                key = (entity, space, entity_id)
-                if key not in self._inflight:
-                    self._inflight[key] = mine[key] = loop.create_future()
-                    owned[entity].append(entity_id)
+            keys = [(entity, space, entity_id) for entity_id in ids[entity]]
+            if inflight:
+                keys = [key for key in keys if key not in inflight]
+            mine.update(zip(keys, [create_future() for _ in keys], strict=True))
+            owned[entity] = [key[2] for key in keys]
+        inflight.update(mine)
         return owned, mine
 
     def _start(
@@ -369,12 +401,12 @@ class EntityResolver:
                 leases=resolution.redis_ok,
                 budget=budget,
             )
-        waits = [
-            (entity, entity_id, self._inflight.get((entity, space, entity_id)))
+        inflight = self._inflight
+        waits = {
+            entity: [inflight.get((entity, space, entity_id)) for entity_id in misses[entity]]
             for entity in ENTITIES
-            for entity_id in misses[entity]
-        ]
-        pending = [f for _, _, f in waits if f is not None and not f.done()]
+        }
+        pending = [f for futures in waits.values() for f in futures if f and not f.done()]
         if pending:
             started = time.perf_counter()
             redis_before = budget.spent
@@ -391,22 +423,26 @@ class EntityResolver:
             resolution.crm_wait = max(0.0, waited - (budget.spent - redis_before))
             if slot is not None:
                 await slot.resume()
-        for entity, entity_id, future in waits:
+        for entity, futures in waits.items():
+            ids = misses[entity]
             # None: an admin invalidation dropped the lookup in between; treat as failed
-            result = future.result() if future is not None else FAILED
-            if isinstance(result, _Failed):
+            results = [FAILED if future is None else future.result() for future in futures]
+            values = resolution.values[entity]
+            # (a FAILED result is replaced just below)
+            values.update(zip(ids, cast(list[bytes | None], results), strict=True))
+            if FAILED not in results:
+                continue
+            for entity_id, result in zip(ids, results, strict=True):
+                if result is not FAILED:
+                    continue
                 fallback = stale.get((entity, space, entity_id))
                 if fallback is not None:
-                    resolution.values[entity][entity_id] = (
-                        None if fallback == NEGATIVE else fallback
-                    )
+                    values[entity_id] = None if fallback == NEGATIVE else fallback
                     resolution.stale += 1
                     metrics.CACHE_STALE.labels(entity=entity).inc()
                 else:
                     resolution.complete = False
-                    resolution.values[entity][entity_id] = None
-            else:
-                resolution.values[entity][entity_id] = result
+                    values[entity_id] = None
 
     async def _fetch_and_store(
         self,
