@@ -67,6 +67,9 @@ LEASE_NOTE: Final = (
     " this field only makes Redis store the hash as a table"
 )
 
+#: Fields of a lease hash sampled per lease call for leases past their deadline.
+_LEASE_SWEEP: Final = 16
+
 #: KEYS[1]: the space's lease hash; ARGV: token, PX, then the fields. A string with "1"
 #: where the lease was taken (the field absent, or past its deadline).
 _LEASE_LUA = """
@@ -96,8 +99,20 @@ if #set > 0 then
   if type(reply) == 'table' and reply.err then return reply end
   if redis.call('PTTL', key) < px then redis.call('PEXPIRE', key, px) end
 end
+-- Fields whose holder died are taken over only when their id is asked for again, and a
+-- busy instance's hash never expires: a few sampled fields past their deadline go each
+-- call (HRANDFIELD, Redis 6.2+; skipped where it fails).
+local sample = redis.pcall('HRANDFIELD', key, SWEEP, 'WITHVALUES')
+if not sample.err then
+  local dead = {}
+  for i = 1, #sample, 2 do
+    local deadline = tonumber(string.match(sample[i + 1], ':(%d+)$'))
+    if deadline and deadline <= now then dead[#dead + 1] = sample[i] end
+  end
+  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+end
 return table.concat(taken)
-""".replace("NOTE", LEASE_NOTE)
+""".replace("NOTE", LEASE_NOTE).replace("SWEEP", str(_LEASE_SWEEP))
 
 #: KEYS: n value keys, then the lease hash (when releasing); ARGV: n, token, value and EX
 #: ("" for none) per key, then the lease fields to release. A lease is released only while
@@ -257,8 +272,9 @@ class Cache:
         return f"{self.prefix}lease:{space}"
 
     @staticmethod
-    def lease_field(entity: Entity, entity_id: str) -> str:
-        return f"{entity}:{entity_id}"
+    def lease_fields(pairs: Iterable[tuple[Entity, str]]) -> list[str]:
+        """The field of each (entity, id) in its space's lease hash."""
+        return [f"{entity}:{entity_id}" for entity, entity_id in pairs]
 
     def entity_match(self, entity: Entity, instance: str, entity_id: str | None = None) -> str:
         """The SCAN glob of every cached `entity` of `instance` (in every credential's
@@ -345,14 +361,39 @@ class Cache:
             return [flag == 49 for reply in replies for flag in reply]  # b"1"
 
         async def pipelined(client: RedisClient) -> list[bool]:
-            value = f"{token}:{int(time.time() * 1000) + ttl_ms}"
+            now = int(time.time() * 1000)
+            value = f"{token}:{now + ttl_ms}".encode()
             pipe = client.pipeline(transaction=False)
             for field in fields:
                 pipe.hsetnx(key, field, value)
-            pipe.pexpire(key, ttl_ms)
+            pipe.pexpire(key, ttl_ms, nx=True)  # a new hash (Redis 7+; else below)
+            pipe.hmget(key, list(fields))
+            pipe.pttl(key)
             replies = await pipe.execute(raise_on_error=False)
             # A lease whose node is down cannot be coordinated: fetch the id as if taken.
-            return [isinstance(reply, Exception) or bool(reply) for reply in replies[:-1]]
+            taken = [isinstance(reply, Exception) or bool(reply) for reply in replies[:-3]]
+            found, pttl = replies[-2], replies[-1]
+            if isinstance(found, Exception) or isinstance(pttl, Exception):
+                return taken
+            # A field past its deadline was given up by its holder: taken over, without a
+            # script's atomicity (two replicas may both take it, and both fetch the id).
+            dead = [
+                field
+                for field, ok, held in zip(fields, taken, found, strict=True)
+                if not ok and not _lease_live(held, now)
+            ]
+            if not dead and (pttl >= ttl_ms or not any(taken)):
+                return taken
+            pipe = client.pipeline(transaction=False)
+            if dead:
+                pipe.hset(key, mapping=dict.fromkeys(dead, value))
+                pipe.hmget(key, dead)
+            pipe.pexpire(key, ttl_ms, gt=pttl >= 0)  # never shorter than another's lease
+            replies = await pipe.execute(raise_on_error=False)
+            if dead and not isinstance(replies[1], Exception):
+                won = {field for field, held in zip(dead, replies[1], strict=True) if held == value}
+                taken = [ok or field in won for field, ok in zip(fields, taken, strict=True)]
+            return taken
 
         taken: list[bool] | None = await self._run(
             "lease", self._scripted(scripted, pipelined), None, budget=budget, keys=len(fields)

@@ -464,10 +464,10 @@ class EntityResolver:
         # and its leases then released by token although none was taken.
         lease_key = self._cache.lease_key(space)
         if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
-            fields = [f"{e}:{i}" for e, i in mine]  # Cache.lease_field, inline
-            taken = await self._cache.take_leases(
-                lease_key, fields, token, int(policy.lease_ttl * 1000), budget
-            )
+            fields = self._cache.lease_fields(mine)
+            # (at least 1 ms: PEXPIRE 0 would delete the hash, every lease with it)
+            ttl_ms = max(1, int(policy.lease_ttl * 1000))
+            taken = await self._cache.take_leases(lease_key, fields, token, ttl_ms, budget)
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
@@ -578,7 +578,7 @@ class EntityResolver:
             entries = await self._cache.read_leased(
                 [self._cache.entity_key(e, space, i) for e, i in pending],
                 self._cache.lease_key(space),
-                [self._cache.lease_field(e, i) for e, i in pending],
+                self._cache.lease_fields(pending),
                 budget,
             )
             if entries is None:

@@ -154,6 +154,22 @@ class TestBatchScripts:
         assert await cache.take_leases("lease:acme", ["customer:1"], "me", 5000) == [True]
         assert client.hget("lease:acme", "customer:1").startswith(b"me:")
 
+    async def test_leases_abandoned_in_a_busy_hash_are_swept(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        """A holder that died leaves its fields; the hash of a busy instance never expires,
+        so each lease call deletes the sampled fields past their deadline."""
+        client = redis_server.client()
+        assert await cache.take_leases("lease:acme", ["c:live"], "me", 60_000) == [True]
+        client.hset("lease:acme", mapping={f"c:{n}": f"dead:{now_ms() - 1}" for n in range(40)})
+
+        for n in range(40):
+            assert await cache.take_leases("lease:acme", [f"u:{n}"], "me", 60_000) == [True]
+
+        fields = set(client.hkeys("lease:acme"))
+        assert not {f"c:{n}".encode() for n in range(40)} & fields, "every dead field swept"
+        assert {b"~", b"c:live"} | {f"u:{n}".encode() for n in range(40)} <= fields
+
     async def test_the_lease_hash_is_a_table_from_its_first_call(
         self, cache: Cache, redis_server: RedisServer
     ) -> None:
@@ -362,20 +378,25 @@ class TestBatchScripts:
             commands=["+@all", "-@scripting"],
         )  # fmt: skip
         admin.hset("lease:acme", "c:gone", f"crashed:{now_ms() - 1}")
+        admin.hset("lease:acme", "c:theirs", f"them:{now_ms() + 60_000}")
+        admin.pexpire("lease:acme", 60_000)
         cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
         try:
-            taken = await cache.take_leases("lease:acme", ["c:a", "c:b", "c:gone"], "me", 5000)
+            taken = await cache.take_leases(
+                "lease:acme", ["c:a", "c:b", "c:gone", "c:theirs"], "me", 5000
+            )
             assert await cache.write_raw(
                 [("v:a", b"1", 60)], release=["c:a"], token="me", lease_key="lease:acme"
             )
             entries = await cache.read_with_ttl(["v:a", "v:absent"])
             leased = await cache.read_leased(
-                ["v:a", "v:b", "v:gone"], "lease:acme", ["c:a", "c:b", "c:gone"]
+                ["v:a", "v:b", "v:theirs"], "lease:acme", ["c:a", "c:b", "c:theirs"]
             )
         finally:
             await cache.close()
 
-        assert taken == [True, True, False], "HSETNX: a lease past its deadline is not taken over"
+        assert taken == [True, True, True, False], "a lease past its deadline is taken over"
+        assert admin.hget("lease:acme", "c:gone").startswith(b"me:")
         assert entries is not None
         assert entries[0][0] == b"1"
         assert entries[1] == (None, -2)
@@ -383,13 +404,31 @@ class TestBatchScripts:
         assert [(value, held) for value, _, held in leased] == [
             (b"1", False),
             (None, True),
-            (None, False),
-        ], "...but it reads as given up, so the waiter fetches the id itself"
+            (None, True),
+        ]
         assert admin.get("v:a") == b"1"
         assert admin.hexists("lease:acme", "c:a") == 0
         assert admin.hget("lease:acme", "c:b").startswith(b"me:")
-        assert 4000 < admin.pttl("lease:acme") <= 5000
+        assert 55_000 < admin.pttl("lease:acme") <= 60_000, "not shortened below their lease"
         assert cache.breaker.allow(), "a denied script is not an outage"
+
+    async def test_without_scripts_a_new_lease_hash_expires_with_its_lease(
+        self, redis_server: RedisServer
+    ) -> None:
+        admin = redis_server.client()
+        admin.acl_setuser(
+            "noscripts", enabled=True, passwords=["+pw"], keys=["*"],
+            commands=["+@all", "-@scripting"],
+        )  # fmt: skip
+        cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
+        try:
+            assert await cache.take_leases("lease:new", ["c:1"], "me", 5000) == [True]
+            admin.pexpire("lease:new", 1000)  # another replica's shorter lease, then mine:
+            assert await cache.take_leases("lease:new", ["c:2"], "me", 5000) == [True]
+        finally:
+            await cache.close()
+
+        assert 4000 < admin.pttl("lease:new") <= 5000, "extended to the newest lease"
 
 
 class TestWithoutRedis:
