@@ -41,6 +41,19 @@ async def cache(redis_server: RedisServer) -> AsyncIterator[Cache]:
     await cache.close()
 
 
+@pytest.fixture
+async def noscripts_cache(redis_server: RedisServer) -> AsyncIterator[Cache]:
+    """A cache whose Redis user may run every command but scripts (an ACL, as on some
+    managed services)."""
+    redis_server.client().acl_setuser(
+        "noscripts", enabled=True, passwords=["+pw"], keys=["*"],
+        commands=["+@all", "-@scripting"],
+    )  # fmt: skip
+    cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
+    yield cache
+    await cache.close()
+
+
 class TestWithRedis:
     async def test_set_get_exists_delete_round_trip_json(
         self, cache: Cache, redis_server: RedisServer
@@ -370,30 +383,24 @@ class TestBatchScripts:
         assert "script|load" not in commands
 
     async def test_where_scripts_are_denied_the_batches_fall_back_to_pipelines(
-        self, redis_server: RedisServer
+        self, noscripts_cache: Cache, redis_server: RedisServer
     ) -> None:
+        cache = noscripts_cache
         admin = redis_server.client()
-        admin.acl_setuser(
-            "noscripts", enabled=True, passwords=["+pw"], keys=["*"],
-            commands=["+@all", "-@scripting"],
-        )  # fmt: skip
         admin.hset("lease:acme", "c:gone", f"crashed:{now_ms() - 1}")
         admin.hset("lease:acme", "c:theirs", f"them:{now_ms() + 60_000}")
         admin.pexpire("lease:acme", 60_000)
-        cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
-        try:
-            taken = await cache.take_leases(
-                "lease:acme", ["c:a", "c:b", "c:gone", "c:theirs"], "me", 5000
-            )
-            assert await cache.write_raw(
-                [("v:a", b"1", 60)], release=["c:a"], token="me", lease_key="lease:acme"
-            )
-            entries = await cache.read_with_ttl(["v:a", "v:absent"])
-            leased = await cache.read_leased(
-                ["v:a", "v:b", "v:theirs"], "lease:acme", ["c:a", "c:b", "c:theirs"]
-            )
-        finally:
-            await cache.close()
+
+        taken = await cache.take_leases(
+            "lease:acme", ["c:a", "c:b", "c:gone", "c:theirs"], "me", 5000
+        )
+        assert await cache.write_raw(
+            [("v:a", b"1", 60)], release=["c:a"], token="me", lease_key="lease:acme"
+        )
+        entries = await cache.read_with_ttl(["v:a", "v:absent"])
+        leased = await cache.read_leased(
+            ["v:a", "v:b", "v:theirs"], "lease:acme", ["c:a", "c:b", "c:theirs"]
+        )
 
         assert taken == [True, True, True, False], "a lease past its deadline is taken over"
         assert admin.hget("lease:acme", "c:gone").startswith(b"me:")
@@ -413,20 +420,13 @@ class TestBatchScripts:
         assert cache.breaker.allow(), "a denied script is not an outage"
 
     async def test_without_scripts_a_new_lease_hash_expires_with_its_lease(
-        self, redis_server: RedisServer
+        self, noscripts_cache: Cache, redis_server: RedisServer
     ) -> None:
         admin = redis_server.client()
-        admin.acl_setuser(
-            "noscripts", enabled=True, passwords=["+pw"], keys=["*"],
-            commands=["+@all", "-@scripting"],
-        )  # fmt: skip
-        cache = make_cache(f"redis://noscripts:pw@127.0.0.1:{redis_server.port}/0")
-        try:
-            assert await cache.take_leases("lease:new", ["c:1"], "me", 5000) == [True]
-            admin.pexpire("lease:new", 1000)  # another replica's shorter lease, then mine:
-            assert await cache.take_leases("lease:new", ["c:2"], "me", 5000) == [True]
-        finally:
-            await cache.close()
+
+        assert await noscripts_cache.take_leases("lease:new", ["c:1"], "me", 5000) == [True]
+        admin.pexpire("lease:new", 1000)  # another replica's shorter lease, then mine:
+        assert await noscripts_cache.take_leases("lease:new", ["c:2"], "me", 5000) == [True]
 
         assert 4000 < admin.pttl("lease:new") <= 5000, "extended to the newest lease"
 
