@@ -343,8 +343,8 @@ class Cache:
         for `ttl_ms`, in one round trip: which ones this caller got.
 
         Without scripts (a cluster, scripts denied): `HSETNX` per field with the deadline
-        of this process's clock, and a lease past its deadline is not taken over but left
-        to `read_leased`, which reports it as given up.
+        of this process's clock, then, in a second round trip only when needed, the
+        fields refused but past their deadline taken over and the hash's TTL lengthened.
         """
         if not fields:
             return []

@@ -406,7 +406,7 @@ class EntityResolver:
             entity: [inflight.get((entity, space, entity_id)) for entity_id in misses[entity]]
             for entity in ENTITIES
         }
-        pending = [f for futures in waits.values() for f in futures if f and not f.done()]
+        pending = [f for fs in waits.values() for f in fs if f is not None and not f.done()]
         if pending:
             started = time.perf_counter()
             redis_before = budget.spent
