@@ -9,9 +9,10 @@ them: concurrent requests missing the same id await the same future (single
 flight), and a client that disconnects cancels only its own wait, never a
 CRM call or a Redis write that other requests depend on.
 
-Across replicas, the task first takes a short lease per id in Redis
-(`SET NX PX`, one pipeline): ids leased by another replica are awaited in
-Redis for a moment instead of fetched again, like memcache leases.
+Across replicas, the task first takes a short lease per id in Redis (a field
+of the instance's lease hash, one script call; `app.cache`): ids leased by
+another replica are awaited in Redis for a moment instead of fetched again,
+like memcache leases.
 """
 
 from __future__ import annotations
@@ -329,10 +330,10 @@ class EntityResolver:
         inflight = self._inflight
         owned: dict[Entity, list[str]] = {}
         mine: dict[_Key, asyncio.Future[_Result]] = {}
-        # One comprehension per step (a cold page claims hundreds of ids); the ids of one
-        # entity are distinct (app.contacts._unique).
+        # One comprehension per step (a cold page claims hundreds of ids); an id given twice
+        # is claimed once.
         for entity in ENTITIES:
-            keys = [(entity, space, entity_id) for entity_id in ids[entity]]
+            keys = list(dict.fromkeys([(entity, space, entity_id) for entity_id in ids[entity]]))
             if inflight:
                 keys = [key for key in keys if key not in inflight]
             mine.update(zip(keys, [create_future() for _ in keys], strict=True))

@@ -103,6 +103,19 @@ class TestKeysValuesAndTtls:
 
 
 class TestRoundTrips:
+    async def test_an_id_given_twice_is_looked_up_once(self, service: Service, sim: Sim) -> None:
+        resolver = service.resources["resolver"]
+
+        resolution = await resolver.resolve(
+            "acme", {"customer": ["1", "1", "2"], "user": []}, None, "req-1"
+        )
+
+        assert resolution.complete
+        assert set(resolution.values["customer"]) == {"1", "2"}
+        assert all(resolution.values["customer"].values())
+        assert sim.stats()["ids_requested"]["customers"] == 2
+        assert sim.stats()["max_fetches_per_id"]["customers"] == 1
+
     async def test_warm_request_makes_one_redis_round_trip_and_no_crm_call(
         self, service: Service, sim: Sim, redis_server: RedisServer
     ) -> None:

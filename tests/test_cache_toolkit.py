@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from redis.asyncio.client import Pipeline
 
 from app.breaker import CircuitBreaker
 from app.cache import LEASE_NOTE, Cache
@@ -429,6 +431,90 @@ class TestBatchScripts:
         assert await noscripts_cache.take_leases("lease:new", ["c:2"], "me", 5000) == [True]
 
         assert 4000 < admin.pttl("lease:new") <= 5000, "extended to the newest lease"
+
+    async def test_without_scripts_a_lease_call_is_one_round_trip_unless_one_is_dead(
+        self, noscripts_cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        client = noscripts_cache._client
+        assert client is not None
+        pipelines = 0
+        real = client.pipeline
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal pipelines
+            pipelines += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(client, "pipeline", counted)
+        rounds = []
+        for n in range(4):
+            pipelines = 0
+            assert await noscripts_cache.take_leases("lease:acme", [f"c:{n}"], "me", 5000) == [True]
+            rounds.append(pipelines)
+        redis_server.client().hset("lease:acme", "c:dead", f"crashed:{now_ms() - 1}")
+        pipelines = 0
+        assert await noscripts_cache.take_leases("lease:acme", ["c:dead"], "me", 5000) == [True]
+
+        assert rounds == [1, 1, 1, 1], "a new field into a live hash: one round trip"
+        assert pipelines == 2, "a dead field is taken over in a second one"
+
+    async def test_without_scripts_a_release_spares_a_lease_taken_over(
+        self, noscripts_cache: Cache, redis_server: RedisServer
+    ) -> None:
+        admin = redis_server.client()
+        assert await noscripts_cache.take_leases("lease:acme", ["c:1", "c:2"], "me", 5000) == [
+            True,
+            True,
+        ]
+        theirs = f"them:{now_ms() + 60_000}"
+        admin.hset("lease:acme", "c:2", theirs)  # mine expired: another replica took it over
+
+        assert await noscripts_cache.write_raw(
+            [("v:1", b"1", 60)], release=["c:1", "c:2"], token="me", lease_key="lease:acme"
+        )
+
+        assert admin.get("v:1") == b"1"
+        assert admin.hexists("lease:acme", "c:1") == 0
+        assert admin.hget("lease:acme", "c:2") == theirs.encode()
+
+    async def test_without_scripts_no_command_carries_more_than_1000_fields(
+        self, noscripts_cache: Cache, redis_server: RedisServer
+    ) -> None:
+        fields = [f"c:{n}" for n in range(2500)]
+        redis_server.reset_stats()
+
+        assert await noscripts_cache.take_leases("lease:acme", fields, "me", 5000) == [True] * 2500
+        read = await noscripts_cache.read_leased(
+            [f"v:{n}" for n in range(2500)], "lease:acme", fields
+        )
+        assert await noscripts_cache.write_raw(
+            [], release=fields, token="me", lease_key="lease:acme"
+        )
+
+        assert read == [(None, -2, True)] * 2500
+        assert redis_server.client().exists("lease:acme") == 0, "every lease released"
+        commands = redis_server.command_counts()
+        assert commands["hmget"] == 3 * 3, "3 slices each: take, read, release"
+        assert commands["hdel"] == 3
+
+    async def test_without_scripts_or_expiry_options_the_hash_still_expires(
+        self, noscripts_cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Before Redis 7, PEXPIRE has no NX or GT: the hash gets its TTL all the same."""
+        real = Pipeline.pexpire
+
+        def before_redis_7(self: Pipeline, name: str, time: int, **options: bool) -> Any:
+            if any(options.values()):  # as Redis 6 answers an option it does not know
+                return self.execute_command("PEXPIRE", name, time, "UNKNOWN-OPTION")
+            return real(self, name, time)
+
+        monkeypatch.setattr(Pipeline, "pexpire", before_redis_7)
+        admin = redis_server.client()
+
+        assert await noscripts_cache.take_leases("lease:acme", ["c:1"], "me", 1000) == [True]
+        assert 0 < admin.pttl("lease:acme") <= 1000
+        assert await noscripts_cache.take_leases("lease:acme", ["c:2"], "me", 5000) == [True]
+        assert 4000 < admin.pttl("lease:acme") <= 5000, "lengthened to the newest lease"
 
 
 class TestWithoutRedis:
