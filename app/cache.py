@@ -34,6 +34,7 @@ from app.redis_client import (
 
 R = TypeVar("R")
 D = TypeVar("D")
+T = TypeVar("T")
 
 _CLEAR_BATCH = 500
 _GLOB_SPECIAL = str.maketrans({c: f"\\{c}" for c in "*?[]\\"})
@@ -350,14 +351,8 @@ class Cache:
             return []
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> list[bool]:
-            n = _SCRIPT_KEYS
-            calls: list[_Call] = [
-                ([key], [token, ttl_ms, *fields[i : i + n]]) for i in range(0, len(fields), n)
-            ]
-            if len(calls) == 1:
-                replies = [await scripts.lease(client, *calls[0])]
-            else:
-                replies = await scripts.lease.many(client, calls)
+            calls: list[_Call] = [([key], [token, ttl_ms, *part]) for part in _parts(fields)]
+            replies = await scripts.lease.each(client, calls)
             return [flag == 49 for reply in replies for flag in reply]  # b"1"
 
         async def pipelined(client: RedisClient) -> list[bool]:
@@ -429,14 +424,11 @@ class Cache:
         async def scripted(
             client: RedisClient, scripts: _Scripts
         ) -> list[tuple[bytes | None, int, bool]]:
-            n = _SCRIPT_KEYS
-            calls = [
-                ([*keys[i : i + n], lease_key], fields[i : i + n]) for i in range(0, len(keys), n)
+            calls: list[_Call] = [
+                ([*part, lease_key], part_fields)
+                for part, part_fields in zip(_parts(keys), _parts(fields), strict=True)
             ]
-            if len(calls) == 1:
-                parts = [await scripts.read_leased(client, *calls[0])]
-            else:
-                parts = await scripts.read_leased.many(client, calls)
+            parts = await scripts.read_leased.each(client, calls)
             flat = [reply for part in parts for reply in part]
             return [(flat[i], int(flat[i + 1]), flat[i + 2] == 1) for i in range(0, len(flat), 3)]
 
@@ -501,20 +493,15 @@ class Cache:
             return keys, args
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> bool:
-            n = _SCRIPT_KEYS
-            if len(items) <= n and len(release) <= n:
+            if len(items) <= _SCRIPT_KEYS and len(release) <= _SCRIPT_KEYS:
                 await scripts.write(client, *call(items, release))
                 return True
             # A large batch: every value first, then the leases, so that a replica
             # waiting on a lease never sees neither the lease nor the value.
             try:
-                await scripts.write.many(
-                    client, [call(items[i : i + n], ()) for i in range(0, len(items), n)]
-                )
+                await scripts.write.many(client, [call(part, ()) for part in _parts(items)])
             finally:  # the leases are released whatever happened to the values
-                await scripts.write.many(
-                    client, [call((), release[i : i + n]) for i in range(0, len(release), n)]
-                )
+                await scripts.write.many(client, [call((), part) for part in _parts(release)])
             return True
 
         async def pipelined(client: RedisClient) -> bool:
@@ -795,10 +782,7 @@ async def _in_chunks(
 ) -> list[Any]:
     """`script` over slices of at most `_SCRIPT_KEYS` keys (same `args` each), in one
     pipeline; the replies joined in order."""
-    if len(keys) <= _SCRIPT_KEYS:
-        return list(await script(client, keys, args))
-    n = _SCRIPT_KEYS
-    parts = await script.many(client, [(keys[i : i + n], args) for i in range(0, len(keys), n)])
+    parts = await script.each(client, [(part, args) for part in _parts(keys)])
     return [reply for part in parts for reply in part]
 
 
@@ -817,6 +801,12 @@ class _Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
+
+    async def each(self, client: RedisClient, calls: Sequence[_Call]) -> list[Any]:
+        """The reply of each call: one call as a command of its own, more in one pipeline."""
+        if len(calls) == 1:
+            return [await self(client, *calls[0])]
+        return await self.many(client, calls)
 
     async def many(self, client: RedisClient, calls: Sequence[_Call]) -> list[Any]:
         """Several calls in one pipeline: one connection and one round trip, however many
@@ -849,9 +839,9 @@ class _Scripts:
     read_leased = _Script(_READ_LEASED_LUA)
 
 
-def _parts(fields: Sequence[str]) -> list[Sequence[str]]:
-    """`fields` in slices of at most `_SCRIPT_KEYS`: no command carries more."""
-    return [fields[i : i + _SCRIPT_KEYS] for i in range(0, len(fields), _SCRIPT_KEYS)]
+def _parts(items: Sequence[T]) -> list[Sequence[T]]:
+    """`items` in slices of at most `_SCRIPT_KEYS`: no command carries more."""
+    return [items[i : i + _SCRIPT_KEYS] for i in range(0, len(items), _SCRIPT_KEYS)]
 
 
 def _joined(replies: Sequence[Any]) -> list[Any] | None:
@@ -889,8 +879,8 @@ async def _mget(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
     if len(keys) <= _SCRIPT_KEYS:
         return cast(list[bytes | None], await lean_command(client, "MGET", *keys))
     pipe = client.pipeline(transaction=False)
-    for start in range(0, len(keys), _SCRIPT_KEYS):
-        pipe.mget(keys[start : start + _SCRIPT_KEYS])
+    for part in _parts(keys):
+        pipe.mget(part)
     return [value for part in await pipe.execute() for value in part]
 
 

@@ -24,7 +24,6 @@ from app.validation import normalize_id
 
 log = structlog.get_logger("app.contacts")
 
-_REF_FIELD: dict[Entity, str] = {"customer": "customerId", "user": "userId"}
 #: A page of more contacts than this lets other requests run before its ids are read.
 _YIELD_EVERY = 5_000
 #: Integers within this bound are ids as their decimal text (at most 64 characters with a
