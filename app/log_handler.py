@@ -27,7 +27,7 @@ ATOMIC_WRITE: Final[int] = getattr(select, "PIPE_BUF", 512)
 class BatchingHandler(logging.StreamHandler[IO[str]]):
     """Records as a StreamHandler writes them, and lines given to `add` (the request
     lines of app.logging.HotLogger), gathered over one event-loop iteration and
-    written in one `write()` after it.
+    written after it, in writes of at most `PIPE_BUF` bytes (whole lines each).
 
     Pending lines are written before any other record and whenever the handler is
     flushed (`logging.shutdown` at exit does), so no line is lost on a clean stop and

@@ -11,8 +11,9 @@ wherever they appear, tracebacks included.
 
 One line is written for every request, so it has a fast path (`HotLogger`):
 the same JSON line, fields and masking, rendered without the structlog chain
-and the stdlib machinery, and written in one `write()` per event-loop
-iteration, always before any other line (app.log_handler).
+and the stdlib machinery, and written after each event-loop iteration in
+writes of at most `PIPE_BUF` bytes, always before any other line
+(app.log_handler).
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ _TIMESTAMP_CHARACTERS: Final = frozenset("0123456789-:.TZ")
 # The handler `configure_logging` installed when its format is JSON (the fast path's
 # output), else None: the console renderer keeps the structlog path.
 _fast_handler: BatchingHandler | None = None
-_min_level = logging.INFO
 
 #: A logging dictConfig for `uvicorn --log-config <file.json>` (write it out as JSON):
 #: without it, the supervisor process of `--workers N`, which never imports the app,
@@ -194,7 +194,8 @@ def configure_logging(
 
     `secrets` (tokens from the settings) are masked wherever they would appear.
     """
-    global _secrets, _secret_may_be_a_timestamp, _fast_handler, _min_level
+    global _secrets, _secret_may_be_a_timestamp, _fast_handler
+    fmt = _format_name(fmt)
     _secrets = tuple({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH})
     _secret_may_be_a_timestamp = any(set(s) <= _TIMESTAMP_CHARACTERS for s in _secrets)
     _masked.clear()
@@ -219,8 +220,7 @@ def configure_logging(
     # process (or pytest's log capture) added keep working.
     root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(numeric)
-    _fast_handler = handler if _format_name(fmt) != "console" else None
-    _min_level = numeric
+    _fast_handler = handler if fmt != "console" else None
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
@@ -251,10 +251,11 @@ class HotLogger:
         handler = _fast_handler
         if handler is None or handler not in logging.root.handlers:
             # The console format, or logging configured by someone else since.
-            getattr(self._structlog, _LEVEL_NAMES[level])(event, **fields)
+            self._structlog.log(level, event, **fields)
             return
-        # The filters of the structlog path: its bound logger, the stdlib logger, the handler.
-        if level < _min_level or level < handler.level or not self._stdlib.isEnabledFor(level):
+        # The filters of the structlog path: the handler's level (which is also its bound
+        # logger's, `configure_logging`) and the stdlib logger's.
+        if level < handler.level or not self._stdlib.isEnabledFor(level):
             return
         try:
             line = self._render(level, event, fields)
@@ -262,7 +263,7 @@ class HotLogger:
             # Something orjson refuses (a dict with int keys...): the slow path reports it. The
             # keys `_render` added are set again there, its masking changes nothing twice.
             rest = {k: v for k, v in fields.items() if k not in _OWN_FIELDS}
-            getattr(self._structlog, _LEVEL_NAMES[level])(event, **rest)
+            self._structlog.log(level, event, **rest)
             return
         handler.add(line)
 

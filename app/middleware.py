@@ -133,5 +133,5 @@ def _request_id(scope: Scope) -> str:
                 return bytes(value).decode()
             break
     # 128 random bits as 32 hex digits, like a uuid4's hex, without its system call (an id to
-    # correlate lines by, not a secret; `random` is reseeded in every forked worker)
+    # correlate lines by, not a secret; each worker process seeds its own `random`)
     return f"{random.getrandbits(128):032x}"

@@ -29,6 +29,7 @@ import structlog
 
 from app import logging as app_logging
 from app.log_handler import BatchingHandler
+from bench.procs import cpu_seconds
 
 WARM_LINE = {
     "method": "GET",
@@ -46,11 +47,6 @@ WARM_LINE = {
 # Lines per event-loop iteration: ~5 at 32 connections on a light page (write syscalls
 # per request, from /proc/<pid>/io, fell from 1.05 to 0.2 for the log).
 PER_ITERATION = 5
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def variants(handler: logging.Handler) -> dict[str, Callable[[], None]]:

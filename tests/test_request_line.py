@@ -269,16 +269,37 @@ class TestParityWithTheStructlogPath:
     def test_the_timestamp_is_structlogs_iso_utc_text(
         self, monkeypatch: pytest.MonkeyPatch, now_ns: int, expected: str
     ) -> None:
-        monkeypatch.setattr(app_logging.time, "time_ns", lambda: now_ns)
         seconds, micros = divmod(now_ns // 1000, 1_000_000)
-        structlogs = (
-            datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-            .replace(microsecond=micros)
-            .isoformat()
-            .replace("+00:00", "Z")
-        )
+        fixed = datetime.datetime.fromtimestamp(seconds, datetime.UTC).replace(microsecond=micros)
+
+        class Frozen(datetime.datetime):
+            @classmethod
+            def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
+                return fixed
+
+        # structlog's own stamper (what the structlog path writes), at the same instant
+        clock = SimpleNamespace(datetime=Frozen, timezone=datetime.timezone)
+        monkeypatch.setattr(structlog.processors, "datetime", clock)
+        stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        structlogs = stamper(None, "", {})["timestamp"]
+        monkeypatch.setattr(app_logging.time, "time_ns", lambda: now_ns)
 
         assert app_logging._timestamp() == structlogs == expected
+
+    @pytest.mark.parametrize("fmt", ["CONSOLE", "Console"])
+    def test_a_format_name_in_any_case_is_that_format(self, configure: Configure, fmt: str) -> None:
+        def traceback_line(fmt: str) -> str:
+            output = configure(fmt=fmt)
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                structlog.get_logger("app.test").error("failed", exc_info=True)
+            output.handler.flush()
+            text = output.raw.text().replace(f"'{fmt}'", "'format!'")  # a local in the trace
+            text = re.sub(r"0x[0-9a-f]+", lambda m: "0" * len(m[0]), text)  # and addresses
+            return re.sub(r"^\S+", "", text, flags=re.M)  # without timestamps
+
+        assert traceback_line(fmt) == traceback_line("console")
 
 
 class TestMaskingShortcut:
