@@ -28,7 +28,14 @@ from app.logging import configure_logging
 from simupstream.app import Failure
 from tests.conftest import Service, Sim, StartService
 from tests.support.procs import RedisServer, eventually
-from tests.support.replicas import ServiceProcess, clean_env, parse_metrics, sample, scrape
+from tests.support.replicas import (
+    ServiceProcess,
+    clean_env,
+    parse_metrics,
+    sample,
+    scrape,
+    service_env,
+)
 
 PAGE = "/contacts?instance=acme&per_page=20"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -49,16 +56,6 @@ async def metrics_of(service: Service) -> Samples:
 
 def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
-
-
-def service_env(sim_url: str, redis: RedisServer, **extra: str) -> dict[str, str]:
-    return {
-        "WHATSAPP_API_URL": sim_url,
-        "CRM_API_URL": sim_url,
-        "REDIS_URL": redis.url,
-        "LOG_LEVEL": "info",
-        **extra,
-    }
 
 
 async def stored(redis: RedisServer, keys: int) -> None:

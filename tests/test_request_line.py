@@ -35,7 +35,7 @@ from app.middleware import _observe
 from simupstream.app import Failure
 from tests.conftest import Sim
 from tests.support.procs import RedisServer, eventually
-from tests.support.replicas import ServiceProcess, clean_env
+from tests.support.replicas import ServiceProcess, clean_env, service_env
 
 CRM_TOKEN = "crm-hs3jp0xe6nb1qc5u"  # lowercase: also a valid instance name
 ADMIN_TOKEN = "adm-7Yq2vZt9Lk4Rr8Wd"
@@ -542,15 +542,10 @@ class TestCost:
 # ------------------------------------------------------------------------ a real process
 
 
-def service_env(sim: Sim, redis: RedisServer, level: str) -> dict[str, str]:
-    return {
-        "WHATSAPP_API_URL": sim.url,
-        "CRM_API_URL": sim.url,
-        "REDIS_URL": redis.url,
-        "LOG_LEVEL": level,
-        "CRM_API_TOKEN": CRM_TOKEN,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-    }
+def env(sim: Sim, redis: RedisServer, level: str) -> dict[str, str]:
+    return service_env(
+        sim.url, redis, LOG_LEVEL=level, CRM_API_TOKEN=CRM_TOKEN, ADMIN_TOKEN=ADMIN_TOKEN
+    )
 
 
 class TestServedProcess:
@@ -559,7 +554,7 @@ class TestServedProcess:
     async def test_request_lines_are_masked_ordered_and_complete_after_a_stop(
         self, sim: Sim, redis_server: RedisServer, tmp_path: Path
     ) -> None:
-        service = ServiceProcess(service_env(sim, redis_server, "info"), workdir=tmp_path)
+        service = ServiceProcess(env(sim, redis_server, "info"), workdir=tmp_path)
         service.start()
         try:
             async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
@@ -601,7 +596,7 @@ class TestServedProcess:
     async def test_at_warning_only_the_5xx_request_line_is_written(
         self, sim: Sim, redis_server: RedisServer, tmp_path: Path
     ) -> None:
-        service = ServiceProcess(service_env(sim, redis_server, "warning"), workdir=tmp_path)
+        service = ServiceProcess(env(sim, redis_server, "warning"), workdir=tmp_path)
         service.start()
         try:
             async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
@@ -619,7 +614,7 @@ class TestServedProcess:
         self, sim: Sim, redis_server: RedisServer, tmp_path: Path
     ) -> None:
         service = ServiceProcess(
-            service_env(sim, redis_server, "info"), workers=2, workdir=tmp_path
+            env(sim, redis_server, "info"), workers=2, workdir=tmp_path
         ).start()
         fresh = httpx.Limits(max_keepalive_connections=0)  # requests spread over both workers
         try:

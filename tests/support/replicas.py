@@ -23,7 +23,7 @@ from typing import IO, Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import free_port, wait_for_port
+from tests.support.procs import RedisServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,17 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     }
     env.update(extra or {})
     return env
+
+
+def service_env(sim_url: str, redis: RedisServer, **extra: str) -> dict[str, str]:
+    """The service's settings against the simulator at `sim_url` and `redis`, at info."""
+    return {
+        "WHATSAPP_API_URL": sim_url,
+        "CRM_API_URL": sim_url,
+        "REDIS_URL": redis.url,
+        "LOG_LEVEL": "info",
+        **extra,
+    }
 
 
 class _Subprocess:
