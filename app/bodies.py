@@ -3,7 +3,7 @@
 HTTP libraries do not bound what they inflate: httpx (and aiohttp) hand each
 compressed chunk to zlib whole, and a 64 KiB chunk of a gzip bomb inflates to
 64 MiB in one call. So the service asks for `gzip, deflate` only, takes the
-raw bytes from its client (app.http1, or httpx in tests), and inflates them
+raw bytes from its client (app.http1, or an httpx client: tests, tools), and inflates them
 here at most `_STEP` bytes at a time, counting what comes out: past the limit
 the body is refused before it grows further, whatever it claimed or how it was
 encoded.

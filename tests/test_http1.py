@@ -102,6 +102,20 @@ async def get(client: Http1Client, url: str) -> tuple[Head, bytes]:
     return head, b"".join(chunks)
 
 
+async def huge_head(_: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
+    return True
+
+
+async def endless_header(_: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(10_000):  # 160 MB if nobody stops reading
+            writer.write(b"a" * 16_384)
+            await writer.drain()
+    return False
+
+
 class TestConnections:
     async def test_one_connection_serves_every_request_in_turn(
         self, start_server: StartServer
@@ -257,30 +271,11 @@ class TestAnswers:
         assert head.headers["content-type"] == "application/json"
         await client.aclose()
 
-    async def test_a_head_above_the_bound_is_refused(self, start_server: StartServer) -> None:
-        async def huge_head(_: bytes, writer: asyncio.StreamWriter) -> bool:
-            writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
-            return True
-
-        server = await start_server(huge_head)
-        client = Http1Client(max_connections=2)
-        with pytest.raises(UpstreamConnectionError, match="head above"):
-            await get(client, server.url)
-        assert client._open == 0
-        await client.aclose()
-
-    async def test_an_endless_header_line_is_cut_at_the_bound(
-        self, start_server: StartServer
+    @pytest.mark.parametrize("respond", [huge_head, endless_header], ids=["whole", "endless"])
+    async def test_a_head_above_the_bound_is_refused(
+        self, start_server: StartServer, respond: Respond
     ) -> None:
-        async def endless(_: bytes, writer: asyncio.StreamWriter) -> bool:
-            writer.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
-            with contextlib.suppress(ConnectionError):
-                for _ in range(10_000):  # 160 MB if nobody stops reading
-                    writer.write(b"a" * 16_384)
-                    await writer.drain()
-            return False
-
-        server = await start_server(endless)
+        server = await start_server(respond)
         client = Http1Client(max_connections=2)
         async with asyncio.timeout(10):
             with pytest.raises(UpstreamConnectionError, match="head above"):
@@ -329,6 +324,56 @@ class TestAnswers:
         client = Http1Client(max_connections=2)
         with pytest.raises(UpstreamConnectionError):
             await get(client, server.url)
+        assert client._open == 0
+        await client.aclose()
+
+    async def test_bytes_on_an_idle_connection_close_it(self, start_server: StartServer) -> None:
+        async def then_stray(head: bytes, writer: asyncio.StreamWriter) -> bool:
+            await ok()(head, writer)
+            await writer.drain()
+            if len(server.requests) == 1:
+                await asyncio.sleep(0.01)  # after the answer was read: the connection idles
+                writer.write(b"HTTP/1.1 200 OK\r\n")
+            return True
+
+        server = await start_server(then_stray)
+        client = Http1Client(max_connections=2)
+        await get(client, server.url)
+        await asyncio.sleep(0.1)
+        head, body = await get(client, server.url)
+        assert (head.status, body) == (200, b'{"ok":true}')
+        assert server.connections == 2, "the idle connection that got bytes was not reused"
+        await client.aclose()
+
+    @pytest.mark.parametrize("cancel_first", [True, False], ids=["cancelled", "handed"])
+    async def test_a_connection_handed_to_a_caller_giving_up_that_turn_is_kept(
+        self, start_server: StartServer, cancel_first: bool
+    ) -> None:
+        server = await start_server(ok())
+        client = Http1Client(max_connections=1)
+        await get(client, server.url)
+        (origin,) = client._idle
+        connection = client._take_idle(origin)  # the one connection, in use
+        assert connection is not None
+        waiter = asyncio.create_task(client._turn(origin))
+        await asyncio.sleep(0)  # it waits: the cap is reached
+        if cancel_first:
+            waiter.cancel()
+            client._release(connection)
+        else:
+            client._release(connection)
+            waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+        assert (client._open, list(client._idle[origin]), list(client._waiters)) == (
+            1,
+            [connection],
+            [],
+        )
+        head, _ = await get(client, server.url)
+        assert head.status == 200
+        assert server.connections == 1
         await client.aclose()
 
     async def test_credentials_in_the_url_are_refused_not_sent_as_the_host(

@@ -326,6 +326,7 @@ class TestSettings:
         "values",
         [
             {"whatsapp_api_url": "ftp://x"},
+            {"crm_api_url": "http://user:secret@crm"},
             {"redis_url": "http://localhost"},
             {"upstream_batch_size": 101},
             {"redis_mode": "sentinel"},
