@@ -345,6 +345,27 @@ class TestAnswers:
         assert server.connections == 2, "the idle connection that got bytes was not reused"
         await client.aclose()
 
+    async def test_at_the_cap_connections_make_way_for_another_origin(
+        self, start_server: StartServer
+    ) -> None:
+        async def slow(head: bytes, writer: asyncio.StreamWriter) -> bool:
+            await asyncio.sleep(0.05)
+            return await ok()(head, writer)
+
+        first, second = await start_server(slow), await start_server(ok())
+        client = Http1Client(max_connections=1)
+        await get(client, second.url)  # an idle connection to the second origin
+
+        async with asyncio.timeout(5):
+            # the first takes the idle one's place; the second's caller waits for it
+            answers = await asyncio.gather(get(client, first.url), get(client, second.url))
+
+        assert [head.status for head, _ in answers] == [200, 200]
+        assert (first.connections, second.connections) == (1, 2), "one at a time, each origin"
+        assert first.most_open + second.most_open <= 2
+        assert client._open == 1
+        await client.aclose()
+
     @pytest.mark.parametrize("cancel_first", [True, False], ids=["cancelled", "handed"])
     async def test_a_connection_handed_to_a_caller_giving_up_that_turn_is_kept(
         self, start_server: StartServer, cancel_first: bool
