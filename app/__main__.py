@@ -8,7 +8,15 @@ environment when the options are not given.
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import Sequence
+
+# Off while the service imports (app.main.tune_gc turns it back on, tuned, once the
+# app is built): the imports create ~130,000 long-lived objects and little garbage.
+# Only when run as a program (`__mp_main__` in each worker of --workers N), never
+# in a process that imports this module.
+if __name__ in ("__main__", "__mp_main__"):
+    gc.disable()
 
 from app.server import ServeOptions, env_int, serve
 
@@ -35,4 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
 
 
 if __name__ == "__main__":
-    serve(parse_args())
+    options = parse_args()
+    if options.workers > 1:
+        gc.enable()  # the supervisor never builds the app; each worker does, and tunes its own
+    serve(options)

@@ -102,10 +102,17 @@ def tune_gc() -> None:
     walked the whole framework: a third of a warm request's CPU and 100 ms pauses
     (bench/README.md). Frozen start-up objects are never walked again; 50,000 net
     new containers between collections is ~10 MB of cyclic garbage at most.
+
+    Start-up is not collected first: `python -m app` imports with the collector off
+    (app/__main__.py), and the ~1,100 objects a full collection would then find
+    (~0.3 MB of import-time cycles) are frozen with the rest, as the `gc.freeze`
+    documentation advises for a server. The collector's ~200 runs during the imports
+    and that collection were 0.2 s of a 1.1 s start-up (docs/performance.md).
+    Enabling it here also covers each worker of `--workers N`.
     """
-    gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)
+    gc.enable()
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -197,6 +197,9 @@ def uvicorn_config(options: ServeOptions) -> dict[str, Any]:
         "workers": options.workers,
         "loop": "auto",  # uvloop where it is installed (not on Windows)
         "http": BoundedHttpToolsProtocol,
+        # No websocket route: no websocket protocol either (an upgrade request is served
+        # as plain HTTP), and ~10 ms less start-up importing one.
+        "ws": "none",
         "proxy_headers": True,
         "forwarded_allow_ips": options.forwarded_allow_ips,
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,

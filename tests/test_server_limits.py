@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from app.server import HEAD_TIMEOUT_SECONDS, KEEP_ALIVE_SECONDS, MAX_HEAD_BYTES
-from tests.support.replicas import ServiceProcess
+from tests.support.replicas import ROOT, ServiceProcess, clean_env
 
 # A close that comes this much later than the bound is still "within the bound" on a
 # loaded 2-core machine.
@@ -101,6 +103,60 @@ class TestHeaderSize:
         assert sent < total, "the server read all 32 MB of headers"
         assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+class TestUpgrade:
+    def test_a_websocket_upgrade_is_answered_as_plain_http(self, server: ServiceProcess) -> None:
+        # The service has no websocket route, so the server loads no websocket protocol
+        # (ws="none": ~10 ms less start-up); the request is served as the GET it also is.
+        # With a websocket protocol loaded, the handshake was refused with a 403 instead.
+        response = exchange(
+            server.port,
+            b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        assert status_of(response) == 200
+
+
+class TestCollectorAtStartUp:
+    """app/__main__.py turns the collector off while the service imports; building the
+    app (app.main.tune_gc) freezes the start-up objects and turns it back on, tuned."""
+
+    def run(self, script: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=clean_env(
+                {
+                    "WHATSAPP_API_URL": "http://127.0.0.1:9",
+                    "CRM_API_URL": "http://127.0.0.1:9",
+                    "USE_REDIS": "false",
+                }
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    def test_off_while_the_program_imports_and_on_and_tuned_once_the_app_is_built(
+        self,
+    ) -> None:
+        # `__mp_main__`: how each worker of --workers N runs the module.
+        script = (
+            "import gc, runpy\n"
+            "runpy.run_module('app', run_name='__mp_main__')\n"
+            "print(gc.isenabled())\n"
+            "import app.main\n"
+            "app.main.app\n"
+            "print(gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 10_000)\n"
+        )
+        assert self.run(script) == ["False", "True", "50000", "True"]
+
+    def test_importing_the_module_leaves_the_collector_alone(self) -> None:
+        assert self.run("import gc, app.__main__\nprint(gc.isenabled())") == ["True"]
 
 
 async def _seconds_until_closed(port: int, send: bytes, trickle: bool = False) -> float:
