@@ -141,8 +141,19 @@ def summary_rows(sections: dict[str, Section]) -> list[list[str]]:
             None,
         )
     if "startup" in sections:
-        s = sections["startup"].data["service"]["median_s"]
-        add("start-up to /health 200", f"{s:.3f} s", "< 1 s", s < 1.0)
+        startup = sections["startup"].data
+        # The bound is for a replica, which starts from the image's install; the
+        # development environment (test tools installed too) is reported beside it.
+        if "service-runtime" in startup:
+            s = startup["service-runtime"]["median_s"]
+            add("start-up to /health 200, runtime install", f"{s:.3f} s", "< 1 s", s < 1.0)
+        s = startup["service"]["median_s"]
+        add(
+            "start-up to /health 200, development environment",
+            f"{s:.3f} s",
+            "(reported)" if "service-runtime" in startup else "< 1 s",
+            None if "service-runtime" in startup else s < 1.0,
+        )
     if "stampede" in sections:
         st = sections["stampede"].data["targets"]["service"]
         add(

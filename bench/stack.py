@@ -173,12 +173,15 @@ class Stack:
         source: Path = REPO,
         label: str | None = None,
         env: dict[str, str] | None = None,
+        installed: str | None = None,
     ) -> Target:
         """`python -m app`, the served configuration (the Docker image's command: uvicorn
         with uvloop, httptools and the server's bounds); `db=None` is `USE_REDIS=false`.
 
         `source` is a folder holding an `app` package (a copy or a git worktree of the
         repository, for A/B runs); it comes first on the child's import path.
+        `installed` is instead an interpreter whose environment has the service installed
+        (bench.runtime: as in the image), run from that environment's own folder.
         """
         port = free_port()
         env = {
@@ -188,12 +191,18 @@ class Stack:
             "CRM_API_URL": self.sim.url,
             "USE_REDIS": "false" if db is None else "true",
             "REDIS_URL": f"{self.redis_url}/{db or 0}",
-            "PYTHONPATH": str(source),
         }
+        unset = UNSET_ENV
+        if installed is None:
+            python, cwd = sys.executable, source
+            env["PYTHONPATH"] = str(source)
+        else:
+            python, cwd = installed, Path(installed).parent.parent
+            unset = (*unset, "PYTHONPATH", "VIRTUAL_ENV")
         args = [
-            sys.executable, "-m", "app", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+            python, "-m", "app", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         ]  # fmt: skip
-        child = self.children.spawn(name, args, env=env, cwd=source, port=port, unset=UNSET_ENV)
+        child = self.children.spawn(name, args, env=env, cwd=cwd, port=port, unset=unset)
         if wait:
             child.wait_http("/health", READY_TIMEOUT)
         if label is None:

@@ -27,13 +27,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     run = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
-            "--scenarios", "warm,cold,counts,overload", "--profiles", "light,big",
+            "--scenarios", "warm,cold,counts,overload,startup", "--profiles", "light,big",
             "--variant", f"same={REPO},LOG_LEVEL=warning", "--out", str(out),
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
         check=False,
     )  # fmt: skip
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
@@ -135,6 +135,34 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
         assert row["requests"] > 0, name
         assert row["http_errors"] == 0, name
     assert section["service_vs_unlimited"] > 0
+
+
+def test_startup_is_measured_from_the_development_environment_and_the_image_install(
+    results: tuple[dict, str],
+) -> None:
+    data, text = results
+    startup = data["scenarios"]["startup"]["data"]
+
+    assert set(startup) == {"service", "service-runtime"}
+    assert all(len(t["runs_s"]) == 2 and min(t["runs_s"]) > 0 for t in startup.values())
+    assert "start-up to /health 200, runtime install" in text
+    # The runtime install is the image's: the service as a package, no test tools.
+    from bench.runtime import RUNTIME_ENV
+
+    probe = subprocess.run(
+        [str(RUNTIME_ENV / "bin" / "python"), "-c", "import app; print(app.__file__); import rich"],
+        cwd=RUNTIME_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "site-packages" in probe.stdout
+    assert "No module named 'rich'" in probe.stderr
+    # ... built from this checkout, not left from an earlier one.
+    installed = Path(probe.stdout.strip()).parent
+    sources = sorted(p.relative_to(REPO / "app") for p in (REPO / "app").rglob("*.py"))
+    assert sources == sorted(p.relative_to(installed) for p in installed.rglob("*.py"))
+    assert all((installed / p).read_bytes() == (REPO / "app" / p).read_bytes() for p in sources)
 
 
 def test_a_missing_node_reference_is_reported_not_fatal(results: tuple[dict, str]) -> None:
