@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -16,6 +17,7 @@ from bench import profiles, report
 from bench.load import wrk_available
 from bench.procs import Children
 from bench.scenarios import SCENARIOS, Context, Options, Section, Variant
+from bench.scenarios.common import IMAGE
 from bench.stack import NODE_SOURCE, REPO, NodeUnavailable, prepare_node, start_stack
 
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         " overload scenarios, for A/B comparisons; repeatable",
     )
     parser.add_argument(
+        "--image-python",
+        metavar="PYTHON",
+        help="the interpreter the Docker image runs (e.g. /usr/bin/python3.11 where the image"
+        " is Debian's python3): the service is installed with it as the image installs it"
+        " and measured as target `image` in the warm, cold, stampede and overload scenarios,"
+        " and in start-up (default: start-up only, with this interpreter)",
+    )
+    parser.add_argument(
         "--warm-targets",
         help="comma-separated subset of the warm scenario's targets (service, node,"
         " passthrough, variant names); default: all",
@@ -107,6 +117,11 @@ def options_from(args: argparse.Namespace) -> Options:
                 f"--variant {spec!r}: expected NAME=DIR[,VAR=VALUE...], DIR holding an app/"
             )
         variants.append(Variant(name, folder, tuple(env.items())))
+    if args.image_python:
+        if shutil.which(args.image_python) is None:
+            raise SystemExit(f"--image-python {args.image_python!r}: no such interpreter")
+        overrides["image_python"] = args.image_python
+        variants.append(Variant(IMAGE, str(REPO), python=args.image_python))
     overrides["variants"] = tuple(variants)
     if args.warm_targets:
         overrides["warm_targets"] = tuple(t.strip() for t in args.warm_targets.split(","))

@@ -35,9 +35,10 @@ def find_uv() -> str:
     return found
 
 
-def runtime_python(target: Path = RUNTIME_ENV) -> str:
-    """Install the service and its runtime dependencies only, from uv.lock, into `target`
-    (again each time: the checkout may have changed) and return its interpreter."""
+def runtime_python(python: str = sys.executable, target: Path = RUNTIME_ENV) -> str:
+    """Install the service and its runtime dependencies only, from uv.lock, with the
+    interpreter `python` into `target` (again each time: the checkout may have changed)
+    and return the install's interpreter."""
     uv = find_uv()
     env = {
         **os.environ,
@@ -46,10 +47,12 @@ def runtime_python(target: Path = RUNTIME_ENV) -> str:
         "UV_COMPILE_BYTECODE": "1",
     }
     env.pop("VIRTUAL_ENV", None)
+    if target.exists():  # another interpreter's install is not updated in place
+        shutil.rmtree(target)
     # The project is rebuilt every time: uv would keep an installed version as it is,
     # whatever the checkout now holds.
     args = [
-        uv, "sync", "--locked", "--no-dev", "--no-editable", "--python", sys.executable,
+        uv, "sync", "--locked", "--no-dev", "--no-editable", "--python", python,
         "--reinstall-package", PROJECT, "-q",
     ]  # fmt: skip
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -28,7 +28,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         [
             sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
             "--scenarios", "warm,cold,counts,overload,startup", "--profiles", "light,big",
-            "--variant", f"same={REPO},LOG_LEVEL=warning", "--out", str(out),
+            "--variant", f"same={REPO},LOG_LEVEL=warning", "--image-python", sys.executable,
+            "--out", str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -48,7 +49,7 @@ def test_warm_scenario_measures_every_target_on_each_profile(results: tuple[dict
 
     assert list(profiles) == ["light", "big"]
     for profile, section in profiles.items():
-        assert set(section["targets"]) == {"service", "same", "passthrough"}, profile
+        assert set(section["targets"]) == {"service", "same", "image", "passthrough"}, profile
         for name, row in section["targets"].items():
             assert row["rps"] > 0, (profile, name)
             assert row["p50_ms"] > 0, (profile, name)
@@ -68,7 +69,7 @@ def test_warm_pages_come_from_nginx_and_are_truly_warm(results: tuple[dict, str]
         for name, row in section["targets"].items():
             assert row["crm_ids_fetched_during_runs"] == 0, (profile, name)
         # each target reads its own instance, so a CRM fetch can be told apart
-        assert len({row["instance"] for row in section["targets"].values()}) == 3
+        assert len({row["instance"] for row in section["targets"].values()}) == 4
         assert section["prefilled_keys"] == section["ids"], profile
     # the enriched pages have the sizes docs/performance.md gives for the profiles
     assert 35_000 < profiles["light"]["enriched_bytes"] < 55_000
@@ -101,7 +102,7 @@ def test_cold_scenario_compares_with_the_upstream_called_directly(
     section = data["scenarios"]["cold"]["data"]
 
     assert section["profile"] == "big"
-    assert set(section["targets"]) == {"upstream", "service", "same"}
+    assert set(section["targets"]) == {"upstream", "service", "same", "image"}
     # 576 customers and 100 users in batches of 100: the same 7 CRM calls for both
     assert section["targets"]["upstream"]["crm_calls_per_request"] == 7
     assert section["targets"]["service"]["crm_calls_per_request"] == 7
@@ -129,7 +130,7 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
     data, _ = results
     section = data["scenarios"]["overload"]["data"]
 
-    assert set(section["targets"]) == {"service", "service-unlimited", "same"}
+    assert set(section["targets"]) == {"service", "service-unlimited", "same", "image"}
     for name, row in section["targets"].items():
         assert row["rps"] > 0, name
         assert row["requests"] > 0, name
@@ -143,9 +144,9 @@ def test_startup_is_measured_from_the_development_environment_and_the_image_inst
     data, text = results
     startup = data["scenarios"]["startup"]["data"]
 
-    assert set(startup) == {"service", "service-runtime"}
+    assert set(startup) == {"service", "service-image"}
     assert all(len(t["runs_s"]) == 2 and min(t["runs_s"]) > 0 for t in startup.values())
-    assert "start-up to /health 200, runtime install" in text
+    assert "start-up to /health 200, image install" in text
     # The runtime install is the image's: the service as a package, no test tools.
     from bench.runtime import RUNTIME_ENV
 
@@ -163,6 +164,24 @@ def test_startup_is_measured_from_the_development_environment_and_the_image_inst
     sources = sorted(p.relative_to(REPO / "app") for p in (REPO / "app").rglob("*.py"))
     assert sources == sorted(p.relative_to(installed) for p in installed.rglob("*.py"))
     assert all((installed / p).read_bytes() == (REPO / "app" / p).read_bytes() for p in sources)
+
+
+def test_the_image_install_is_a_target_of_its_own(results: tuple[dict, str]) -> None:
+    data, text = results
+    for profile in data["scenarios"]["warm"]["data"]["profiles"].values():
+        image = profile["targets"]["image"]
+        assert image["label"].startswith("service, image install [image: Python 3.")
+        assert image["cpu_ms_per_request"] > 0
+        assert image["x_enrichment"] == "complete"
+    assert data["scenarios"]["cold"]["data"]["targets"]["image"]["p50_ms"] > 0
+    assert data["args"]["options"]["image_python"] == sys.executable
+
+
+def test_an_image_python_that_does_not_exist_is_refused() -> None:
+    from bench import cli
+
+    with pytest.raises(SystemExit, match="no such interpreter"):
+        cli.options_from(cli.build_parser().parse_args(["--image-python", "/nonexistent/py"]))
 
 
 def test_a_missing_node_reference_is_reported_not_fatal(results: tuple[dict, str]) -> None:

@@ -9,6 +9,7 @@ the per-round ratios, because the machine is shared and noisy.
 from __future__ import annotations
 
 import asyncio
+import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import orjson
 
 from bench.profiles import PROFILES, SIM_USERS
+from bench.runtime import runtime_python
 from bench.stack import Stack, Target
 from simupstream import data
 
@@ -42,13 +44,21 @@ ADMIN_COMMANDS = {
 }
 
 
+#: the target of the image install, with `--image-python`
+IMAGE = "image"
+
+
 @dataclass(frozen=True)
 class Variant:
-    """Another build of the service for A/B runs: `app` from `folder`, with extra environment."""
+    """Another build of the service for A/B runs: `app` from `folder`, with extra environment.
+
+    With `python`, the service runs from the image install instead (bench.runtime: this
+    checkout and its runtime dependencies only, installed with that interpreter)."""
 
     name: str
     folder: str
     env: tuple[tuple[str, str], ...] = ()
+    python: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,9 @@ class Options:
     variants: tuple[Variant, ...] = ()
     #: which targets the warm scenario measures (None: all); "service" is always kept
     warm_targets: tuple[str, ...] | None = None
+    #: the interpreter of the image install (start-up, and the "image" target when given);
+    #: None: the benchmark's own
+    image_python: str | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
@@ -118,6 +131,16 @@ class Context:
     options: Options
     log: Callable[[str], None]
     _targets: dict[str, Target] = field(default_factory=dict)
+    _installed: dict[str, str] = field(default_factory=dict)
+
+    def installed(self) -> str:
+        """The image install's interpreter (bench.runtime), built once per run with
+        `--image-python` (default: the benchmark's own interpreter)."""
+        python = self.options.image_python or sys.executable
+        if python not in self._installed:
+            self.log(f"  installing the service as the image does, with {python}")
+            self._installed[python] = runtime_python(python)
+        return self._installed[python]
 
     # The long-lived targets, started on first use; each service/node with its own Redis db.
     def target(self, name: str) -> Target:
@@ -127,12 +150,18 @@ class Context:
             variants = {v.name: v for v in self.options.variants}
             if name in variants:
                 variant = variants[name]
+                installed = None
+                label = f"service [{name}]"
+                if variant.python is not None:
+                    installed = self.installed()
+                    label = f"service, image install [{name}: Python {python_version(installed)}]"
                 self._targets[name] = stack.start_service(
                     name,
                     db=0,
                     source=Path(variant.folder).resolve(),
-                    label=f"service [{name}]",
+                    label=label,
                     env=dict(variant.env),
+                    installed=installed,
                 )
                 return self._targets[name]
             starters: dict[str, Callable[[], Target]] = {
@@ -155,6 +184,20 @@ class Context:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def python_version(python: str) -> str:
+    """The version of the interpreter at `python`, e.g. 3.11.2."""
+    import subprocess
+
+    done = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
 
 
 def contacts_path(instance: str, per_page: int, page: int = 1) -> str:

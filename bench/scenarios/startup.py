@@ -1,7 +1,8 @@
 """Start-up: from `Popen` to the first `GET /health` 200, several times each.
 
 The service is started twice over: from the development environment, and installed as
-the Docker image installs it (bench.runtime), which is what a replica starts from.
+the Docker image installs it (bench.runtime), which is what a replica starts from, with
+`--image-python` (the image's interpreter) or else the benchmark's own.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import asyncio
 from collections.abc import Callable
 
 from bench.load import median
-from bench.runtime import RuntimeUnavailable, runtime_python
-from bench.scenarios.common import Context, Section, fmt
+from bench.runtime import RuntimeUnavailable
+from bench.scenarios.common import Context, Section, fmt, python_version
 from bench.stack import Target
 
 
@@ -22,24 +23,19 @@ async def startup(ctx: Context) -> Section:
     ]
     left_out = None
     try:
-        installed = await asyncio.to_thread(runtime_python)
+        installed = await asyncio.to_thread(ctx.installed)
     except RuntimeUnavailable as exc:
-        left_out = f"The runtime install was not measured: {exc}"
+        left_out = f"The image install was not measured: {exc}"
     else:
+        label = f"service, image install (Python {python_version(installed)})"
         kinds.append(
             (
-                "service-runtime",
+                "service-image",
                 lambda n: stack.start_service(
-                    n,
-                    db=4,
-                    wait=False,
-                    installed=installed,
-                    label="service, runtime install (as in the image)",
+                    n, db=4, wait=False, installed=installed, label=label
                 ),
             )
         )
-    if not opts.skip_node:
-        kinds.append(("node", lambda n: stack.start_node(n, db=5, wait=False)))
     times: dict[str, list[float]] = {k: [] for k, _ in kinds}
     labels: dict[str, str] = {}
     for run in range(opts.startup_runs):
@@ -71,7 +67,7 @@ async def startup(ctx: Context) -> Section:
     }
     section.notes.append(
         "Wall clock from `Popen` to the first 200 of `GET /health`, polled every 2 ms, in turn."
-        " `service` runs from the development environment; the runtime install has the"
+        " `service` runs from the development environment; the image install has the"
         " runtime dependencies only, with compiled bytecode, as the Docker image does."
     )
     if left_out:
