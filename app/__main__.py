@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 # Off while the service imports (app.main.tune_gc turns it back on, tuned, once the
 # app is built): the imports create ~130,000 long-lived objects and little garbage.
-# Only when run as a program (`__mp_main__` in each worker of --workers N), never
-# in a process that imports this module.
-if __name__ in ("__main__", "__mp_main__"):
+# Only when run as a program, never in a process that imports this module. (The
+# workers of --workers N are spawned processes that do not run this module: they
+# import with the collector on, and tune it as they build the app.)
+if __name__ == "__main__":
     gc.disable()
 
 from app.server import ServeOptions, env_int, serve

@@ -106,6 +106,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.transport is self.transport:
             cycle.transport = _OneSend(self.transport, cycle, self.loop)  # type: ignore[assignment]
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # No websocket protocol is loaded (ws="none": the service has no websocket route),
+        # so an upgrade request is served as the plain request it also is: nothing to warn
+        # about, and no log line any client can make the server write at will (uvicorn
+        # logged two warnings per such request, one advising to install a websocket library).
+        pass
+
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
             self._refuse_head()

@@ -16,6 +16,7 @@ from pathlib import Path
 from bench import profiles, report
 from bench.load import wrk_available
 from bench.procs import Children
+from bench.runtime import RuntimeUnavailable, find_uv
 from bench.scenarios import SCENARIOS, Context, Options, Section, Variant
 from bench.scenarios.common import IMAGE
 from bench.stack import NODE_SOURCE, REPO, NodeUnavailable, prepare_node, start_stack
@@ -69,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-python",
         metavar="PYTHON",
-        help="the interpreter the Docker image runs (e.g. /usr/bin/python3.11 where the image"
-        " is Debian's python3): the service is installed with it as the image installs it"
-        " and measured as target `image` in the warm, cold, stampede and overload scenarios,"
-        " and in start-up (default: start-up only, with this interpreter)",
+        help="the interpreter the Docker image runs, or the closest this machine has (the"
+        " official python:3.11-slim builds CPython with PGO and LTO): the service is"
+        " installed with it as the image installs it and measured as target `image` in the"
+        " warm, cold, stampede and overload scenarios, and in start-up (default: start-up"
+        " only, with this interpreter)",
     )
     parser.add_argument(
         "--warm-targets",
@@ -111,6 +113,8 @@ def options_from(args: argparse.Namespace) -> Options:
     for spec in args.variant:
         head, *assignments = spec.split(",")
         name, _, folder = head.partition("=")
+        if name == IMAGE:
+            raise SystemExit(f"--variant {spec!r}: the name {IMAGE!r} is --image-python's")
         env = dict(a.partition("=")[::2] for a in assignments)
         if not name or not folder or not (Path(folder) / "app").is_dir() or "" in env:
             raise SystemExit(
@@ -118,10 +122,15 @@ def options_from(args: argparse.Namespace) -> Options:
             )
         variants.append(Variant(name, folder, tuple(env.items())))
     if args.image_python:
-        if shutil.which(args.image_python) is None:
+        python = shutil.which(args.image_python)
+        if python is None:
             raise SystemExit(f"--image-python {args.image_python!r}: no such interpreter")
-        overrides["image_python"] = args.image_python
-        variants.append(Variant(IMAGE, str(REPO), python=args.image_python))
+        try:
+            find_uv()
+        except RuntimeUnavailable as exc:
+            raise SystemExit(f"--image-python: {exc}") from None
+        overrides["image_python"] = str(Path(python).absolute())
+        variants.append(Variant(IMAGE, str(REPO), python=overrides["image_python"]))
     overrides["variants"] = tuple(variants)
     if args.warm_targets:
         overrides["warm_targets"] = tuple(t.strip() for t in args.warm_targets.split(","))
@@ -165,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options = dataclasses.replace(options, skip_node=True)
                 node_note = "The Node.js reference was not measured: " + " ".join(str(exc).split())
         stack = start_stack(children, node_dir=node_dir)
-        ctx = Context(stack, options, log)
+        ctx = Context(stack, options, log, workdir=out)
         for name in wanted:
             log(f"scenario {name}")
             started = time.monotonic()

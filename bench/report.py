@@ -132,12 +132,15 @@ def summary_rows(sections: dict[str, Section]) -> list[list[str]]:
             "≤ 0.5×",
             None if ratio is None else ratio <= 0.5,
         )
-        if image is not None and image["overhead_over_node"] is not None:
+        if image is not None:
+            ratio = image["overhead_over_node"]
             add(
                 f"cold page of {d['contacts']:,}: overhead, image install / Node.js",
-                f"{image['overhead_over_node']:.2f}× ({image['overhead_ms']:+.1f} ms)",
+                ("" if ratio is None else f"{ratio:.2f}× (")
+                + f"{image['overhead_ms']:+.1f} ms"
+                + ("" if ratio is None else ")"),
                 "≤ 0.5×",
-                image["overhead_over_node"] <= 0.5,
+                None if ratio is None else ratio <= 0.5,
             )
     if "memory" in sections:
         m = sections["memory"].data["targets"]["service"]

@@ -1,10 +1,14 @@
-"""The service installed as the Docker image installs it, for the start-up scenario.
+"""The service installed as the Docker image installs it, for the start-up scenario and
+the `image` target (`--image-python`).
 
 The development environment holds the test tools too, and some are imported by the
 service's own libraries when present (structlog renders tracebacks with `rich` if it
-is installed: ~80 ms of start-up here). The image has none of them: `uv sync --locked
---no-dev --no-editable` with compiled bytecode (Dockerfile). This builds the same
-install from this checkout into `build/bench-runtime`, in about two seconds.
+is installed: ~80 ms of start-up here). The image has none of them. This builds the
+image's install the way its Dockerfile does: the files it copies (pyproject.toml,
+uv.lock, README.md, app/, simupstream/) in a clean folder of their own, then `uv sync
+--locked --no-dev --no-editable` with compiled bytecode, in a few seconds. A clean
+folder, not the checkout: setuptools would otherwise package whatever its `build/`
+still holds from an earlier build, modules since deleted included.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIME_ENV = REPO / "build" / "bench-runtime"
 PROJECT = "enriched-contacts"
+#: what the Dockerfile copies into its build stage
+SOURCES = ("pyproject.toml", "uv.lock", "README.md", "app", "simupstream")
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -35,30 +40,41 @@ def find_uv() -> str:
     return found
 
 
-def runtime_python(python: str = sys.executable, target: Path = RUNTIME_ENV) -> str:
-    """Install the service and its runtime dependencies only, from uv.lock, with the
-    interpreter `python` into `target` (again each time: the checkout may have changed)
-    and return the install's interpreter."""
+def runtime_python(python: str, target: Path) -> str:
+    """Install this checkout's service and its runtime dependencies only, from uv.lock,
+    with the interpreter `python`, into the new folder `target`; the install's
+    interpreter."""
     uv = find_uv()
-    env = {
-        **os.environ,
-        "UV_PROJECT_ENVIRONMENT": str(target),
-        "UV_PYTHON_DOWNLOADS": "never",
-        "UV_COMPILE_BYTECODE": "1",
-    }
-    env.pop("VIRTUAL_ENV", None)
-    if target.exists():  # another interpreter's install is not updated in place
-        shutil.rmtree(target)
-    # The project is rebuilt every time: uv would keep an installed version as it is,
-    # whatever the checkout now holds.
-    args = [
-        uv, "sync", "--locked", "--no-dev", "--no-editable", "--python", python,
-        "--reinstall-package", PROJECT, "-q",
-    ]  # fmt: skip
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if target.exists():
+        raise RuntimeUnavailable(f"{target} exists: an install is built into a new folder")
+    with tempfile.TemporaryDirectory(prefix="bench-image-src-") as scratch:
+        source = Path(scratch)
+        for name in SOURCES:
+            path = REPO / name
+            if path.is_dir():
+                shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(path, source / name)
+        env = {
+            **os.environ,
+            "UV_PROJECT_ENVIRONMENT": str(target),
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_COMPILE_BYTECODE": "1",
+            "UV_LINK_MODE": "copy",
+        }
+        env.pop("VIRTUAL_ENV", None)
+        # --reinstall-package: uv would otherwise reuse a wheel it built of an earlier
+        # checkout of the same version.
+        args = [
+            uv, "sync", "--locked", "--no-dev", "--no-editable", "--python", python,
+            "--reinstall-package", PROJECT, "-q",
+        ]  # fmt: skip
+        done = subprocess.run(
+            args, cwd=source, env=env, capture_output=True, text=True, timeout=600
+        )
     if done.returncode != 0:
         raise RuntimeUnavailable(f"uv sync failed: {done.stderr.strip()[-500:]}")
-    python = target / "bin" / "python"
-    if not python.exists():
-        raise RuntimeUnavailable(f"uv sync left no interpreter at {python}")
-    return str(python)
+    installed = target / "bin" / "python"
+    if not installed.exists():
+        raise RuntimeUnavailable(f"uv sync left no interpreter at {installed}")
+    return str(installed)

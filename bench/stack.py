@@ -37,6 +37,7 @@ READY_TIMEOUT = 30.0
 #: (the recommended mode), so the cache keys are `customer:<instance>:<id>`, the keys the
 #: Node.js design uses too.
 SERVICE_ENV: dict[str, str] = {
+    "PYTHONUNBUFFERED": "1",  # as in the Docker image (the log writer's path depends on it)
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "UPSTREAM_TIMEOUT_SECONDS": "10",

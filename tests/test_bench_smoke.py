@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,23 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("bench")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def image_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An interpreter of its own for the image install (a venv of this one), so that the
+    report can be seen to use the one it was given rather than its default."""
+    folder = tmp_path_factory.mktemp("image-python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    return folder / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def results(
+    tmp_path_factory: pytest.TempPathFactory, out: Path, image_python: Path
+) -> tuple[dict, str]:
     # An empty folder as the Node.js reference: the run must say so and measure the rest,
     # as it does on a machine without node/npm.
     no_node = tmp_path_factory.mktemp("no-node")
@@ -28,7 +44,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         [
             sys.executable, "-m", "bench", "--quick", "--node-src", str(no_node),
             "--scenarios", "warm,cold,counts,overload,startup", "--profiles", "light,big",
-            "--variant", f"same={REPO},LOG_LEVEL=warning", "--image-python", sys.executable,
+            "--variant", f"same={REPO},LOG_LEVEL=warning", "--image-python", str(image_python),
             "--out", str(out),
         ],
         cwd=REPO,
@@ -139,49 +155,58 @@ def test_overload_scenario_compares_the_admission_limit(results: tuple[dict, str
 
 
 def test_startup_is_measured_from_the_development_environment_and_the_image_install(
-    results: tuple[dict, str],
+    results: tuple[dict, str], out: Path
 ) -> None:
     data, text = results
     startup = data["scenarios"]["startup"]["data"]
 
-    assert set(startup) == {"service", "service-image"}
+    assert set(startup) == {"service", "service-image"}  # (and "node", where it runs)
     assert all(len(t["runs_s"]) == 2 and min(t["runs_s"]) > 0 for t in startup.values())
     assert "start-up to /health 200, image install" in text
-    # The runtime install is the image's: the service as a package, no test tools.
-    from bench.runtime import RUNTIME_ENV
-
+    # The image install: the service as a package, no test tools...
+    install = out / "image-install"
     probe = subprocess.run(
-        [str(RUNTIME_ENV / "bin" / "python"), "-c", "import app; print(app.__file__); import rich"],
-        cwd=RUNTIME_ENV,
+        [str(install / "bin" / "python"), "-c", "import app; print(app.__file__); import rich"],
+        cwd=install,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert "site-packages" in probe.stdout
     assert "No module named 'rich'" in probe.stderr
-    # ... built from this checkout, not left from an earlier one.
-    installed = Path(probe.stdout.strip()).parent
-    sources = sorted(p.relative_to(REPO / "app") for p in (REPO / "app").rglob("*.py"))
-    assert sources == sorted(p.relative_to(installed) for p in installed.rglob("*.py"))
-    assert all((installed / p).read_bytes() == (REPO / "app" / p).read_bytes() for p in sources)
+    # ... built from this checkout as it is, nothing more, nothing less.
+    for package in ("app", "simupstream"):
+        installed = Path(probe.stdout.strip()).parent.parent / package
+        sources = sorted(p.relative_to(REPO / package) for p in (REPO / package).rglob("*.py"))
+        assert sources == sorted(p.relative_to(installed) for p in installed.rglob("*.py"))
+        for path in sources:
+            assert (installed / path).read_bytes() == (REPO / package / path).read_bytes()
 
 
-def test_the_image_install_is_a_target_of_its_own(results: tuple[dict, str]) -> None:
+def test_the_image_install_is_a_target_of_its_own(
+    results: tuple[dict, str], image_python: Path
+) -> None:
     data, text = results
+    built_with = f"Python {platform.python_version()}, {image_python}"
     for profile in data["scenarios"]["warm"]["data"]["profiles"].values():
         image = profile["targets"]["image"]
-        assert image["label"].startswith("service, image install [image: Python 3.")
+        assert image["label"] == f"service, image install [image: {built_with}]"
         assert image["cpu_ms_per_request"] > 0
         assert image["x_enrichment"] == "complete"
     assert data["scenarios"]["cold"]["data"]["targets"]["image"]["p50_ms"] > 0
-    assert data["args"]["options"]["image_python"] == sys.executable
+    assert data["scenarios"]["startup"]["data"]["service-image"]["label"].endswith(
+        f"({built_with})"
+    )
+    assert "warm CPU per request, Node.js / image install: light" in text
 
 
-def test_an_image_python_that_does_not_exist_is_refused() -> None:
+def test_an_image_python_that_does_not_exist_or_a_variant_named_image_is_refused() -> None:
     from bench import cli
 
     with pytest.raises(SystemExit, match="no such interpreter"):
         cli.options_from(cli.build_parser().parse_args(["--image-python", "/nonexistent/py"]))
+    with pytest.raises(SystemExit, match="is --image-python's"):
+        cli.options_from(cli.build_parser().parse_args(["--variant", f"image={REPO}"]))
 
 
 def test_a_missing_node_reference_is_reported_not_fatal(results: tuple[dict, str]) -> None:

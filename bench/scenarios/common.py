@@ -9,7 +9,10 @@ the per-round ratios, because the machine is shared and noisy.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ from typing import Any
 import orjson
 
 from bench.profiles import PROFILES, SIM_USERS
-from bench.runtime import runtime_python
+from bench.runtime import RuntimeUnavailable, runtime_python
 from bench.stack import Stack, Target
 from simupstream import data
 
@@ -130,17 +133,29 @@ class Context:
     stack: Stack
     options: Options
     log: Callable[[str], None]
+    #: this run's own files (the image install); a new temporary folder by default
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-")))
     _targets: dict[str, Target] = field(default_factory=dict)
-    _installed: dict[str, str] = field(default_factory=dict)
+    _installed: tuple[str, str] | RuntimeUnavailable | None = None
 
-    def installed(self) -> str:
-        """The image install's interpreter (bench.runtime), built once per run with
-        `--image-python` (default: the benchmark's own interpreter)."""
-        python = self.options.image_python or sys.executable
-        if python not in self._installed:
+    def installed(self) -> tuple[str, str]:
+        """The image install (bench.runtime), built once per run with `--image-python`
+        (default: the benchmark's own interpreter), in this run's folder: its interpreter,
+        and what it was built with ("Python 3.11.2, /usr/bin/python3.11"). A failure is
+        raised again to every later caller, not retried."""
+        if self._installed is None:
+            python = self.options.image_python or sys.executable
             self.log(f"  installing the service as the image does, with {python}")
-            self._installed[python] = runtime_python(python)
-        return self._installed[python]
+            target = self.workdir / "image-install"
+            shutil.rmtree(target, ignore_errors=True)  # an earlier run's, in the same folder
+            try:
+                installed = runtime_python(python, target)
+                self._installed = (installed, f"Python {python_version(installed)}, {python}")
+            except RuntimeUnavailable as exc:
+                self._installed = exc
+        if isinstance(self._installed, RuntimeUnavailable):
+            raise self._installed
+        return self._installed
 
     # The long-lived targets, started on first use; each service/node with its own Redis db.
     def target(self, name: str) -> Target:
@@ -153,8 +168,8 @@ class Context:
                 installed = None
                 label = f"service [{name}]"
                 if variant.python is not None:
-                    installed = self.installed()
-                    label = f"service, image install [{name}: Python {python_version(installed)}]"
+                    installed, built_with = self.installed()
+                    label = f"service, image install [{name}: {built_with}]"
                 self._targets[name] = stack.start_service(
                     name,
                     db=0,
@@ -188,8 +203,6 @@ class Context:
 
 def python_version(python: str) -> str:
     """The version of the interpreter at `python`, e.g. 3.11.2."""
-    import subprocess
-
     done = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
         capture_output=True,

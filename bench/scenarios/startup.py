@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from bench.load import median
 from bench.runtime import RuntimeUnavailable
-from bench.scenarios.common import Context, Section, fmt, python_version
+from bench.scenarios.common import Context, Section, fmt
 from bench.stack import Target
 
 
@@ -21,20 +21,23 @@ async def startup(ctx: Context) -> Section:
     kinds: list[tuple[str, Callable[[str], Target]]] = [
         ("service", lambda n: stack.start_service(n, db=4, wait=False)),
     ]
+    if not opts.skip_node:
+        kinds.append(("node", lambda n: stack.start_node(n, db=5, wait=False)))
     left_out = None
     try:
-        installed = await asyncio.to_thread(ctx.installed)
+        installed, built_with = await asyncio.to_thread(ctx.installed)
     except RuntimeUnavailable as exc:
         left_out = f"The image install was not measured: {exc}"
     else:
-        label = f"service, image install (Python {python_version(installed)})"
-        kinds.append(
+        label = f"service, image install ({built_with})"
+        kinds.insert(
+            1,
             (
                 "service-image",
                 lambda n: stack.start_service(
                     n, db=4, wait=False, installed=installed, label=label
                 ),
-            )
+            ),
         )
     times: dict[str, list[float]] = {k: [] for k, _ in kinds}
     labels: dict[str, str] = {}
