@@ -19,7 +19,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.stack import REPO
+
 PROJECT = "enriched-contacts"
 #: what the Dockerfile copies into its build stage
 SOURCES = ("pyproject.toml", "uv.lock", "README.md", "app", "simupstream")
