@@ -130,7 +130,7 @@ def options_from(args: argparse.Namespace) -> Options:
         except RuntimeUnavailable as exc:
             raise SystemExit(f"--image-python: {exc}") from None
         overrides["image_python"] = str(Path(python).absolute())
-        variants.append(Variant(IMAGE, str(REPO), python=overrides["image_python"]))
+        variants.append(Variant(IMAGE, str(REPO), image=True))
     overrides["variants"] = tuple(variants)
     if args.warm_targets:
         overrides["warm_targets"] = tuple(t.strip() for t in args.warm_targets.split(","))

@@ -55,13 +55,13 @@ IMAGE = "image"
 class Variant:
     """Another build of the service for A/B runs: `app` from `folder`, with extra environment.
 
-    With `python`, the service runs from the image install instead (bench.runtime: this
-    checkout and its runtime dependencies only, installed with that interpreter)."""
+    `image`: the service runs from the image install instead (`Context.installed`: this
+    checkout and its runtime dependencies only, installed with `Options.image_python`)."""
 
     name: str
     folder: str
     env: tuple[tuple[str, str], ...] = ()
-    python: str | None = None
+    image: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class Context:
                 variant = variants[name]
                 installed = None
                 label = f"service [{name}]"
-                if variant.python is not None:
+                if variant.image:
                     installed, built_with = self.installed()
                     label = f"service, image install [{name}: {built_with}]"
                 self._targets[name] = stack.start_service(
