@@ -252,12 +252,6 @@ class Cache:
         """A new request's Redis budget: `REDIS_TIMEOUT_SECONDS` for all its calls together."""
         return RedisBudget(self._timeout)
 
-    @property
-    def releases_by_token(self) -> bool:
-        """Whether `write_raw` releases a lease only while it holds the caller's token (with
-        scripts), so that releasing a lease the caller may not hold is harmless."""
-        return self._scripts is not None
-
     async def health(self) -> Literal["up", "down", "disabled"]:
         """A PING through the breaker: "down" at once while the circuit is open."""
         if self._client is None:
@@ -269,7 +263,7 @@ class Cache:
 
     def lease_key(self, space: str) -> str:
         """The hash of a cache space's leases: the short-lived locks replicas take while
-        they fetch ids from the CRM, a field per id (`lease_field`)."""
+        they fetch ids from the CRM, a field per id (`lease_fields`)."""
         return f"{self.prefix}lease:{space}"
 
     @staticmethod
@@ -346,9 +340,11 @@ class Cache:
         Without scripts (a cluster, scripts denied): `HSETNX` per field with the deadline
         of this process's clock, then, in a second round trip only when needed, the
         fields refused but past their deadline taken over and the hash's TTL lengthened.
+        A `ttl_ms` under 1 counts as 1 (`PEXPIRE 0` would delete the hash, every lease in it).
         """
         if not fields:
             return []
+        ttl_ms = max(1, ttl_ms)
 
         async def scripted(client: RedisClient, scripts: _Scripts) -> list[bool]:
             calls: list[_Call] = [([key], [token, ttl_ms, *part]) for part in _parts(fields)]
@@ -471,9 +467,10 @@ class Cache:
         """`SET key value EX ttl` for each item (no EX where ttl is None), in one round trip.
 
         `release`, fields of the lease hash `lease_key` (leases taken with `token`), are
-        deleted in the same round trip, after every value: with scripts
-        (`releases_by_token`), only where they still hold `token`; on a cluster or where
-        scripts are denied, unconditionally. Not a transaction: MULTI (or MSET + EXPIRE)
+        deleted after every value, only where they still hold `token` (so releasing a lease
+        the caller may not hold is harmless): in the same script call with scripts; on a
+        cluster or where scripts are denied, read in the same round trip and deleted in a
+        second, not atomically. Not a transaction: MULTI (or MSET + EXPIRE)
         breaks on a cluster. One item that Redis refuses does not stop the others; the
         call then answers False.
         """

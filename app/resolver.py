@@ -466,16 +466,15 @@ class EntityResolver:
         lease_key = self._cache.lease_key(space)
         if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
             fields = self._cache.lease_fields(mine)
-            # (at least 1 ms: PEXPIRE 0 would delete the hash, every lease with it)
-            ttl_ms = max(1, int(policy.lease_ttl * 1000))
+            ttl_ms = int(policy.lease_ttl * 1000)
             taken = await self._cache.take_leases(lease_key, fields, token, ttl_ms, budget)
             if taken is not None:
                 contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
                 mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
                 held = [field for field, ok in zip(fields, taken, strict=True) if ok]
-            elif self._cache.releases_by_token:
-                # The call failed, yet part of it may have run (one of several script
-                # calls): release every lease it may have taken, checked by token.
+            else:
+                # The call failed, yet part of it may have run (one of several script calls,
+                # or pipelined HSETNXs): release every lease it may have taken, by token.
                 held = fields
 
         async def fetch(entity: Entity, ids: list[str], to_store: list[_Stored]) -> None:

@@ -310,7 +310,8 @@ ROWS = [
                     )
                 ],
                 unit="ops",
-                description="lease: SET NX PX of the ids a replica is about to fetch; get_pttl:"
+                description="lease: the leases (a field each in the instance's lease hash)"
+                " of the ids a replica is about to fetch; get_pttl:"
                 " reads with TTLs (waiting on another replica's lease, refresh-ahead, stale).",
             ),
             Panel(

@@ -157,8 +157,19 @@ class TestBatchScripts:
             "lease:acme",
             "customer:held",
         ).startswith(b"other:")
-        assert 4000 < client.pttl("lease:acme") <= 60_000, "the hash outlives no lease by much"
+        assert 4000 < client.pttl("lease:acme") <= 5000, "the hash outlives no lease by much"
         assert await cache.take_leases("lease:acme", ["customer:a"], "again", 5000) == [False]
+
+    async def test_a_lease_never_shortens_the_hash_under_a_longer_one(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        client = redis_server.client()
+        client.hset("lease:acme", "customer:held", f"other:{now_ms() + 60_000}")
+        client.pexpire("lease:acme", 60_000)  # another replica's longer lease
+
+        assert await cache.take_leases("lease:acme", ["customer:a"], "me", 5000) == [True]
+
+        assert 55_000 < client.pttl("lease:acme") <= 60_000, "not shortened to mine"
 
     async def test_a_lease_past_its_deadline_is_taken_over(
         self, cache: Cache, redis_server: RedisServer
