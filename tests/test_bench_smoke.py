@@ -55,6 +55,7 @@ def results(
     )  # fmt: skip
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert "the Node.js reference is left out, measuring the rest" in run.stderr
+    (out / "run.stderr").write_text(run.stderr)
     assert (out / "bench.png").exists() or (out / "bench.svg").exists()
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
@@ -198,6 +199,15 @@ def test_the_image_install_is_a_target_of_its_own(
         f"({built_with})"
     )
     assert "warm CPU per request, Node.js / image install: light" in text
+
+
+def test_the_image_install_is_built_once_before_any_scenario(
+    results: tuple[dict, str], out: Path
+) -> None:
+    """uv sync takes seconds: not on a scenario's clock (its timeout), nor in its event loop."""
+    log = (out / "run.stderr").read_text()
+    assert log.count("installing the service as the image does") == 1
+    assert log.index("image install built in") < log.index("scenario warm")
 
 
 def test_an_image_python_that_does_not_exist_or_a_variant_named_image_is_refused() -> None:
