@@ -309,17 +309,8 @@ class Cache:
 
         async def pipelined(client: RedisClient) -> list[tuple[bytes | None, int]]:
             pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.get(key)
-                pipe.pttl(key)
-            replies = await pipe.execute()
-            # On a cluster, a node that is down leaves its exception as its replies: a miss.
-            return [
-                (None, -2)
-                if isinstance(replies[n], Exception) or isinstance(replies[n + 1], Exception)
-                else (replies[n], int(replies[n + 1]))
-                for n in range(0, len(replies), 2)
-            ]
+            _queue_get_pttl(pipe, keys)
+            return _with_ttl(await pipe.execute())
 
         entries: list[tuple[bytes | None, int]] | None = await self._run(
             "get_pttl", self._scripted(scripted, pipelined), None, budget=budget, keys=len(keys)
@@ -430,26 +421,15 @@ class Cache:
 
         async def pipelined(client: RedisClient) -> list[tuple[bytes | None, int, bool]]:
             pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.get(key)
-                pipe.pttl(key)
+            _queue_get_pttl(pipe, keys)
             for part in _parts(fields):
                 pipe.hmget(lease_key, part)
             replies = await pipe.execute(raise_on_error=False)
-            held = _joined(replies[2 * len(keys) :])
+            held = _joined(replies[2 * len(keys) :])  # (a node that is down: nobody seen)
             now = int(time.time() * 1000)
-            # On a cluster, a node that is down leaves its exception as its replies: a miss,
-            # and a lease nobody can be seen holding.
             return [
-                (
-                    None
-                    if isinstance(replies[2 * i], Exception)
-                    or isinstance(replies[2 * i + 1], Exception)
-                    else replies[2 * i],
-                    -2 if isinstance(replies[2 * i + 1], Exception) else int(replies[2 * i + 1]),
-                    held is not None and _lease_live(held[i], now),
-                )
-                for i in range(len(keys))
+                (raw, pttl, held is not None and _lease_live(held[i], now))
+                for i, (raw, pttl) in enumerate(_with_ttl(replies[: 2 * len(keys)]))
             ]
 
         entries: list[tuple[bytes | None, int, bool]] | None = await self._run(
@@ -839,6 +819,24 @@ class _Scripts:
 def _parts(items: Sequence[T]) -> list[Sequence[T]]:
     """`items` in slices of at most `_SCRIPT_KEYS`: no command carries more."""
     return [items[i : i + _SCRIPT_KEYS] for i in range(0, len(items), _SCRIPT_KEYS)]
+
+
+def _queue_get_pttl(pipe: Any, keys: Sequence[str]) -> None:
+    """A GET and a PTTL per key, queued on `pipe` (their replies: `_with_ttl`)."""
+    for key in keys:
+        pipe.get(key)
+        pipe.pttl(key)
+
+
+def _with_ttl(replies: Sequence[Any]) -> list[tuple[bytes | None, int]]:
+    """The replies of `_queue_get_pttl`: (value, PTTL in ms) per key. On a cluster, a node
+    that is down leaves its exception as its replies: a miss, (None, -2)."""
+    return [
+        (None, -2)
+        if isinstance(replies[n], Exception) or isinstance(replies[n + 1], Exception)
+        else (replies[n], int(replies[n + 1]))
+        for n in range(0, len(replies), 2)
+    ]
 
 
 def _joined(replies: Sequence[Any]) -> list[Any] | None:

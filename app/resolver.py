@@ -149,28 +149,61 @@ class EntityResolver:
         budget = self._cache.budget()
         if policy.reads_ttls:
             entries = await self._cache.read_with_ttl(keys, budget)
+            redis_ok = entries is not None
         else:
             raws = await self._cache.read_raw(keys, budget)
             if raws is not None and None not in raws and self._checked.issuperset(map(hash, raws)):
                 return self._all_hits(instance, wanted, raws, budget)
-            if raws is not None and raws.count(None) == len(raws):
-                return await self._all_misses(
-                    instance, space, wanted, authorization, request_id, slot, budget
-                )
-            entries = None if raws is None else list(zip(raws, itertools.repeat(-1)))
-        resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=entries is not None)
+            redis_ok = raws is not None
+            entries = (
+                None
+                if raws is None or raws.count(None) == len(raws)
+                else list(zip(raws, itertools.repeat(-1)))
+            )
+        resolution = Resolution(values={e: {} for e in ENTITIES}, redis_ok=redis_ok)
+        if entries is None:
+            # A cold page (nothing found) or a failed read: every id a miss, no per-id loop.
+            misses = {entity: list(wanted[entity]) for entity in ENTITIES}
+            refresh: dict[Entity, list[str]] = {}
+            stale: dict[_Key, bytes] = {}
+            for entity, ids in misses.items():
+                if ids:
+                    metrics.child(metrics.CACHE_MISSES, entity).inc(len(ids))
+                resolution.misses += len(ids)
+        else:
+            misses, refresh, stale = await self._sort(space, wanted, entries, resolution)
+        self._count(instance, resolution.hits, resolution.misses)
+        if any(refresh.values()):
+            resolution.refreshes = self._refresh(space, refresh, authorization, request_id)
+        if resolution.misses:
+            await self._fetch_misses(
+                space, misses, stale, authorization, request_id, resolution, slot, budget
+            )
+        resolution.redis_wait = budget.spent
+        return resolution
+
+    async def _sort(
+        self,
+        space: str,
+        wanted: dict[Entity, Sequence[str]],
+        entries: list[tuple[bytes | None, int]],
+        resolution: Resolution,
+    ) -> tuple[dict[Entity, list[str]], dict[Entity, list[str]], dict[_Key, bytes]]:
+        """Each id's entry a hit (its value into `resolution`), a miss, or due for a refresh:
+        the misses, the refreshes, and the stale values that may stand in for failed misses."""
+        policy = self._policy
         misses: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
         refresh: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
         stale: dict[_Key, bytes] = {}
         stale_ms = policy.stale * 1000
         refresh_ms = policy.refresh_ahead * 1000
         position = 0
-        huge = len(keys) > _YIELD_EVERY
+        huge = len(entries) > _YIELD_EVERY
         for entity in ENTITIES:
             values = resolution.values[entity]
             hits = 0
             for entity_id in wanted[entity]:
-                raw, pttl = entries[position] if entries is not None else (None, -2)
+                raw, pttl = entries[position]
                 position += 1
                 if huge and not position % _YIELD_EVERY:
                     await asyncio.sleep(0)  # a very large page lets other requests run
@@ -191,15 +224,7 @@ class EntityResolver:
                 metrics.child(metrics.CACHE_MISSES, entity).inc(len(misses[entity]))
             resolution.hits += hits
             resolution.misses += len(misses[entity])
-        self._count(instance, resolution.hits, resolution.misses)
-        if any(refresh.values()):
-            resolution.refreshes = self._refresh(space, refresh, authorization, request_id)
-        if resolution.misses:
-            await self._fetch_misses(
-                space, misses, stale, authorization, request_id, resolution, slot, budget
-            )
-        resolution.redis_wait = budget.spent
-        return resolution
+        return misses, refresh, stale
 
     def _all_hits(
         self,
@@ -226,30 +251,6 @@ class EntityResolver:
                 metrics.child(metrics.CACHE_HITS, entity).inc(len(ids))
         self._count(instance, len(raws), 0)
         return Resolution(values=values, hits=len(raws), redis_wait=budget.spent)
-
-    async def _all_misses(
-        self,
-        instance: str,
-        space: str,
-        wanted: dict[Entity, Sequence[str]],
-        authorization: str | None,
-        request_id: str,
-        slot: Slot | None,
-        budget: RedisBudget,
-    ) -> Resolution:
-        """The cold page, no value found: `resolve` without its per-id loop."""
-        resolution = Resolution(values={e: {} for e in ENTITIES})
-        misses = {entity: list(wanted[entity]) for entity in ENTITIES}
-        for entity, ids in misses.items():
-            if ids:
-                metrics.child(metrics.CACHE_MISSES, entity).inc(len(ids))
-            resolution.misses += len(ids)
-        self._count(instance, 0, resolution.misses)
-        await self._fetch_misses(
-            space, misses, {}, authorization, request_id, resolution, slot, budget
-        )
-        resolution.redis_wait = budget.spent
-        return resolution
 
     def space(self, instance: str, authorization: str | None) -> str:
         """Where the instance's entries live for this caller: the instance itself when the
