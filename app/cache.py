@@ -223,6 +223,9 @@ class Cache:
         self.prefix = prefix
         self.breaker = breaker or CircuitBreaker(threshold=3, cooldown=5.0)
         self._scripts: _Scripts | None = None
+        # Whether PEXPIRE takes NX and GT (Redis 7+), for the lease calls without scripts:
+        # False once refused, so that a server before Redis 7 is asked once, not every call.
+        self._expiry_options = True
         # A request's call is not started with less of its budget left than this: it could
         # hardly finish, and cutting it short costs a connection (on a cluster, it must
         # outlast the per-node deadline, which lets a slow node fail alone).
@@ -330,7 +333,8 @@ class Cache:
 
         Without scripts (a cluster, scripts denied): `HSETNX` per field with the deadline
         of this process's clock, then, in a second round trip only when needed, the
-        fields refused but past their deadline taken over and the hash's TTL lengthened.
+        fields refused but past their deadline taken over (and, the one time a server
+        before Redis 7 refuses PEXPIRE's NX and GT, the hash's TTL set).
         A `ttl_ms` under 1 counts as 1 (`PEXPIRE 0` would delete the hash, every lease in it).
         """
         if not fields:
@@ -345,21 +349,30 @@ class Cache:
         async def pipelined(client: RedisClient) -> list[bool]:
             now = int(time.time() * 1000)
             value = f"{token}:{now + ttl_ms}".encode()
+            options = self._expiry_options
             pipe = client.pipeline(transaction=False)
             for field in fields:
                 pipe.hsetnx(key, field, value)
             # The hash lives as long as its newest lease: a new hash gets the TTL (NX), a
-            # shorter one is lengthened (GT), never shortened (Redis 7+: else below).
-            pipe.pexpire(key, ttl_ms, nx=True)
-            pipe.pexpire(key, ttl_ms, gt=True)
+            # shorter one is lengthened (GT), never shortened. Before Redis 7, a plain
+            # PEXPIRE: it may shorten the lease of a replica with a longer lease TTL
+            # (UPSTREAM_TIMEOUT_SECONDS); with one setting everywhere, the newest lease's
+            # deadline is the latest anyway.
+            if options:
+                pipe.pexpire(key, ttl_ms, nx=True)
+                pipe.pexpire(key, ttl_ms, gt=True)
+            else:
+                pipe.pexpire(key, ttl_ms)
             for part in _parts(fields):
                 pipe.hmget(key, part)
             replies = await pipe.execute(raise_on_error=False)
             n = len(fields)
             # A lease whose node is down cannot be coordinated: fetch the id as if taken.
             taken = [isinstance(reply, Exception) or bool(reply) for reply in replies[:n]]
-            expiry_refused = isinstance(replies[n], Exception)  # NX and GT: Redis 7+
-            found = _joined(replies[n + 2 :])
+            expiry_refused = options and isinstance(replies[n], Exception)  # NX, GT: Redis 7+
+            if expiry_refused:
+                self._expiry_options = False
+            found = _joined(replies[n + (2 if options else 1) :])
             # A field past its deadline was given up by its holder: taken over, without a
             # script's atomicity (two replicas may both take it, and both fetch the id).
             dead = (
@@ -378,7 +391,7 @@ class Cache:
                 pipe.hset(key, mapping=dict.fromkeys(part, value))
             for part in _parts(dead):
                 pipe.hmget(key, part)
-            if expiry_refused:  # before Redis 7: may shorten another's lease, never drop it
+            if not self._expiry_options:  # before Redis 7 (see above)
                 pipe.pexpire(key, ttl_ms)
             else:  # (NX: the hash may have expired, and been made again, in between)
                 pipe.pexpire(key, ttl_ms, nx=True)

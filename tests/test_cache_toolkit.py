@@ -511,21 +511,36 @@ class TestBatchScripts:
     async def test_without_scripts_or_expiry_options_the_hash_still_expires(
         self, noscripts_cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Before Redis 7, PEXPIRE has no NX or GT: the hash gets its TTL all the same."""
+        """Before Redis 7, PEXPIRE has no NX or GT: the hash gets its TTL all the same, and
+        only the first lease call pays a second round trip to find that out."""
         real = Pipeline.pexpire
+        refused = 0
 
         def before_redis_7(self: Pipeline, name: str, time: int, **options: bool) -> Any:
+            nonlocal refused
             if any(options.values()):  # as Redis 6 answers an option it does not know
+                refused += 1
                 return self.execute_command("PEXPIRE", name, time, "UNKNOWN-OPTION")
             return real(self, name, time)
 
+        real_execute = Pipeline.execute
+        round_trips = 0
+
+        async def counted(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+            nonlocal round_trips
+            round_trips += 1
+            return await real_execute(self, *args, **kwargs)
+
         monkeypatch.setattr(Pipeline, "pexpire", before_redis_7)
+        monkeypatch.setattr(Pipeline, "execute", counted)
         admin = redis_server.client()
 
         assert await noscripts_cache.take_leases("lease:acme", ["c:1"], "me", 1000) == [True]
         assert 0 < admin.pttl("lease:acme") <= 1000
+        assert (round_trips, refused) == (2, 2), "refused once (NX and GT), then set"
         assert await noscripts_cache.take_leases("lease:acme", ["c:2"], "me", 5000) == [True]
         assert 4000 < admin.pttl("lease:acme") <= 5000, "lengthened to the newest lease"
+        assert (round_trips, refused) == (3, 2), "one round trip, no option asked again"
 
 
 class TestWithoutRedis:
