@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any, Final, Literal, TypeVar, cast
 
 import structlog
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoPermissionError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -77,42 +77,52 @@ _LEASE_LUA = """
 local key, token, px = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local held = redis.pcall('HMGET', key, unpack(ARGV, 3))
-if held.err then return held end
 local value = token .. ':' .. (now + px)
-local taken, set = {}, {}
-for i = 1, #held do
-  local h = held[i]
-  if h and (tonumber(string.match(h, ':(%d+)$')) or 0) > now then
-    taken[i] = '0'
-  else
-    taken[i] = '1'
-    set[#set + 1] = ARGV[i + 2]
-    set[#set + 1] = value
+local n = #ARGV - 2
+local set, s, taken = {}, 0, nil
+local fresh = redis.call('EXISTS', key) == 0
+if fresh then
+  -- No hash, no lease held: every field taken, none read (a cold page's usual case).
+  set[1], set[2], s = '~', 'NOTE', 2
+  for i = 3, n + 2 do
+    set[s + 1], set[s + 2], s = ARGV[i], value, s + 2
   end
+  taken = string.rep('1', n)
+else
+  local held = redis.pcall('HMGET', key, unpack(ARGV, 3))
+  if held.err then return held end
+  local flags = {}
+  for i = 1, n do
+    local h = held[i]
+    if h and (tonumber(string.match(h, ':(%d+)$')) or 0) > now then
+      flags[i] = '0'
+    else
+      flags[i] = '1'
+      set[s + 1], set[s + 2], s = ARGV[i + 2], value, s + 2
+    end
+  end
+  taken = table.concat(flags)
 end
-if #set > 0 then
-  if redis.call('EXISTS', key) == 0 then
-    set[#set + 1] = '~'
-    set[#set + 1] = 'NOTE'
-  end
-  local reply = redis.pcall('HSET', key, unpack(set))
+if s > 0 then
+  local reply = redis.pcall('HSET', key, unpack(set, 1, s))
   if type(reply) == 'table' and reply.err then return reply end
   if redis.call('PTTL', key) < px then redis.call('PEXPIRE', key, px) end
 end
 -- Fields whose holder died are taken over only when their id is asked for again, and a
 -- busy instance's hash never expires: a few sampled fields past their deadline go each
--- call (HRANDFIELD, Redis 6.2+; skipped where it fails).
-local sample = redis.pcall('HRANDFIELD', key, SWEEP, 'WITHVALUES')
-if not sample.err then
-  local dead = {}
-  for i = 1, #sample, 2 do
-    local deadline = tonumber(string.match(sample[i + 1], ':(%d+)$'))
-    if deadline and deadline <= now then dead[#dead + 1] = sample[i] end
+-- call on a hash that was there before (HRANDFIELD, Redis 6.2+; skipped where it fails).
+if not fresh then
+  local sample = redis.pcall('HRANDFIELD', key, SWEEP, 'WITHVALUES')
+  if not sample.err then
+    local dead = {}
+    for i = 1, #sample, 2 do
+      local deadline = tonumber(string.match(sample[i + 1], ':(%d+)$'))
+      if deadline and deadline <= now then dead[#dead + 1] = sample[i] end
+    end
+    if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
   end
-  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
 end
-return table.concat(taken)
+return taken
 """.replace("NOTE", LEASE_NOTE).replace("SWEEP", str(_LEASE_SWEEP))
 
 #: KEYS: n value keys, then the lease hash (when releasing); ARGV: n, token, value and EX
@@ -787,10 +797,12 @@ class _Script:
     async def __call__(
         self, client: RedisClient, keys: Sequence[str], args: Sequence[EncodableT] = ()
     ) -> Any:
+        # Scripts run on standalone and Sentinel clients only, which `lean_command` serves.
+        redis = cast(Redis, client)
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await lean_command(redis, "EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            return await lean_command(redis, "EVAL", self.source, len(keys), *keys, *args)
 
     async def each(self, client: RedisClient, calls: Sequence[_Call]) -> list[Any]:
         """The reply of each call: one call as a command of its own, more in one pipeline."""

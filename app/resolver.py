@@ -23,7 +23,7 @@ import hmac
 import itertools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -458,7 +458,7 @@ class EntityResolver:
         budget: RedisBudget | None,
     ) -> None:
         policy = self._policy
-        mine = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
+        fetching = owned  # what this process fetches, by entity
         contested: list[tuple[Entity, str]] = []
         held: list[str] = []
         token = uuid.uuid4().hex
@@ -466,12 +466,15 @@ class EntityResolver:
         # and its leases then released by token although none was taken.
         lease_key = self._cache.lease_key(space)
         if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
-            fields = self._cache.lease_fields(mine)
+            fields = self._cache.lease_fields((e, i) for e in ENTITIES for i in owned[e])
             ttl_ms = int(policy.lease_ttl * 1000)
             taken = await self._cache.take_leases(lease_key, fields, token, ttl_ms, budget)
-            if taken is not None:
-                contested = [pair for pair, ok in zip(mine, taken, strict=True) if not ok]
-                mine = [pair for pair, ok in zip(mine, taken, strict=True) if ok]
+            if taken is not None and all(taken):  # (the usual case)
+                held = fields
+            elif taken is not None:
+                pairs = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
+                contested = [pair for pair, ok in zip(pairs, taken, strict=True) if not ok]
+                fetching = _by_entity(pair for pair, ok in zip(pairs, taken, strict=True) if ok)
                 held = [field for field, ok in zip(fields, taken, strict=True) if ok]
             else:
                 # The call failed, yet part of it may have run (one of several script calls,
@@ -508,9 +511,8 @@ class EntityResolver:
                 else:  # served, never stored: one huge value would hold Redis for everyone
                     metrics.child(metrics.CACHE_TOO_LARGE, entity).inc()
 
-        async def fetch_and_store(pairs: list[tuple[Entity, str]], release: list[str]) -> None:
+        async def fetch_and_store(by_entity: dict[Entity, list[str]], release: list[str]) -> None:
             to_store: list[_Stored] = []
-            by_entity = {e: [i for pe, i in pairs if pe == e] for e in ENTITIES}
             try:
                 await asyncio.gather(
                     *(
@@ -542,13 +544,16 @@ class EntityResolver:
         async def await_other_replicas() -> None:
             left = await self._await_leased(space, contested, futures, budget)
             if left:
-                await fetch_and_store(left, [])
+                await fetch_and_store(_by_entity(left), [])
 
         try:
             # What this process leased is stored as soon as it is fetched, never after
             # the wait for other replicas: two replicas each waiting on the other's
             # leases would otherwise both wait out CACHE_LEASE_WAIT_SECONDS.
-            await asyncio.gather(fetch_and_store(mine, held), await_other_replicas())
+            if contested:
+                await asyncio.gather(fetch_and_store(fetching, held), await_other_replicas())
+            else:  # (one task fewer between the lease reply and the CRM calls)
+                await fetch_and_store(fetching, held)
         finally:
             for key, future in futures.items():
                 if not future.done():
@@ -596,3 +601,11 @@ class EntityResolver:
         if pending:
             log.info("lease.wait_expired", instance=instance_of(space), ids=len(pending))
         return given_up + pending
+
+
+def _by_entity(pairs: Iterable[tuple[Entity, str]]) -> dict[Entity, list[str]]:
+    """(entity, id) pairs as the ids of each entity, in order."""
+    out: dict[Entity, list[str]] = {e: [] for e in ENTITIES}
+    for entity, entity_id in pairs:
+        out[entity].append(entity_id)
+    return out

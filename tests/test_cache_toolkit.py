@@ -207,6 +207,27 @@ class TestBatchScripts:
         assert client.object("encoding", "lease:acme") == b"hashtable"
         assert client.hget("lease:acme", "~") == LEASE_NOTE.encode()
 
+    async def test_a_new_hash_takes_every_lease_without_reading_one(
+        self, cache: Cache, redis_server: RedisServer
+    ) -> None:
+        """No hash: nobody holds anything, so the script sets every field at once."""
+        redis_server.reset_stats()
+        fields = [f"customer:{n}" for n in range(700)]
+
+        assert await cache.take_leases("lease:acme", fields, "me", 5000) == [True] * 700
+
+        client = redis_server.client()
+        values = client.hgetall("lease:acme")
+        assert values.pop(b"~") == LEASE_NOTE.encode()
+        assert set(values) == {f.encode() for f in fields}
+        assert len(set(values.values())) == 1, "one token and deadline for the call"
+        token, _, deadline = next(iter(values.values())).partition(b":")
+        assert token == b"me"
+        assert now_ms() < int(deadline) <= now_ms() + 5000
+        assert 4000 < client.pttl("lease:acme") <= 5000
+        commands = redis_server.command_counts()
+        assert not {"hmget", "hrandfield"} & set(commands), "nothing read"
+
     async def test_a_write_releases_only_the_leases_still_holding_its_token(
         self, cache: Cache, redis_server: RedisServer
     ) -> None:
