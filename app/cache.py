@@ -49,8 +49,9 @@ log = structlog.get_logger("app.cache")
 
 # The leases of a cache space are one hash, a field per id (`<entity>:<id>`, valued
 # `<token>:<deadline in ms, Redis's clock>`), not a key per id: Redis takes the leases of a
-# page of 1,000 contacts (676 ids) in ~0.7 ms instead of ~3.8 ms for a `SET NX PX` per id
-# (a key and an expiry each), and releases them in a fraction of it. The hash lives as long
+# page of 1,000 contacts (676 ids) in ~0.9 ms instead of ~3.8 ms for a `SET NX PX` per id
+# (a key and an expiry each), and releases them in a fraction of it; where the hash does
+# not exist yet (nobody holds a lease of the space), without reading a field. The hash lives as long
 # as its newest lease (PEXPIRE); a field past its deadline is a lease given up. A new
 # hash gets a field `~` whose value (longer than Redis's 64-byte `hash-max-listpack-value`)
 # makes it a hash table from the start: Redis 7.0 inserts the fields of one HSET into a
@@ -192,6 +193,8 @@ return out
 #: Replies that mean "scripts cannot run here": disabled, denied by an ACL, or a proxy
 #: in front of a sharded Redis that refuses a script over keys of several slots.
 _NO_SCRIPTS = ("unknown command", "noperm", "no permissions", "crossslot")
+#: Replies of a server without PEXPIRE's NX and GT (Redis 6; later ones name the option).
+_NO_EXPIRY_OPTIONS = ("wrong number of arguments", "unsupported option", "syntax error")
 
 
 def glob_escape(text: str) -> str:
@@ -343,8 +346,9 @@ class Cache:
 
         Without scripts (a cluster, scripts denied): `HSETNX` per field with the deadline
         of this process's clock, then, in a second round trip only when needed, the
-        fields refused but past their deadline taken over (and, the one time a server
-        before Redis 7 refuses PEXPIRE's NX and GT, the hash's TTL set).
+        fields refused but past their deadline taken over (and, when PEXPIRE's NX and GT
+        failed, the hash's TTL set: a server before Redis 7 refuses them once, then every
+        call sends a plain PEXPIRE in its one round trip).
         A `ttl_ms` under 1 counts as 1 (`PEXPIRE 0` would delete the hash, every lease in it).
         """
         if not fields:
@@ -379,9 +383,9 @@ class Cache:
             n = len(fields)
             # A lease whose node is down cannot be coordinated: fetch the id as if taken.
             taken = [isinstance(reply, Exception) or bool(reply) for reply in replies[:n]]
-            expiry_refused = options and isinstance(replies[n], Exception)  # NX, GT: Redis 7+
-            if expiry_refused:
-                self._expiry_options = False
+            expiry_failed = options and isinstance(replies[n], Exception)
+            if expiry_failed and _expiry_options_refused(replies[n]):
+                self._expiry_options = False  # NX and GT are Redis 7+: asked once, not again
             found = _joined(replies[n + (2 if options else 1) :])
             # A field past its deadline was given up by its holder: taken over, without a
             # script's atomicity (two replicas may both take it, and both fetch the id).
@@ -394,7 +398,7 @@ class Cache:
                     if not ok and not _lease_live(held, now)
                 ]
             )
-            if not dead and not (expiry_refused and any(taken)):
+            if not dead and not (expiry_failed and any(taken)):
                 return taken
             pipe = client.pipeline(transaction=False)
             for part in _parts(dead):
@@ -882,6 +886,15 @@ def _lease_live(value: bytes | None, now_ms: int) -> bool:
         return False
     _, _, deadline = value.rpartition(b":")
     return deadline.isdigit() and int(deadline) > now_ms
+
+
+def _expiry_options_refused(exc: BaseException) -> bool:
+    """Whether a `PEXPIRE ... NX` failed because the server has no such option (before Redis
+    7: "wrong number of arguments"), not for a passing reason (READONLY during a failover)."""
+    message = str(exc).lower()
+    return isinstance(exc, ResponseError) and any(
+        marker in message for marker in _NO_EXPIRY_OPTIONS
+    )
 
 
 def _scripts_unavailable(exc: ResponseError) -> bool:

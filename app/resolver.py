@@ -466,13 +466,13 @@ class EntityResolver:
         # and its leases then released by token although none was taken.
         lease_key = self._cache.lease_key(space)
         if leases and policy.lease_wait > 0 and self._cache.enabled and self._cache.affords(budget):
-            fields = self._cache.lease_fields((e, i) for e in ENTITIES for i in owned[e])
+            pairs = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
+            fields = self._cache.lease_fields(pairs)
             ttl_ms = int(policy.lease_ttl * 1000)
             taken = await self._cache.take_leases(lease_key, fields, token, ttl_ms, budget)
             if taken is not None and all(taken):  # (the usual case)
                 held = fields
             elif taken is not None:
-                pairs = [(entity, entity_id) for entity in ENTITIES for entity_id in owned[entity]]
                 contested = [pair for pair, ok in zip(pairs, taken, strict=True) if not ok]
                 fetching = _by_entity(pair for pair, ok in zip(pairs, taken, strict=True) if ok)
                 held = [field for field, ok in zip(fields, taken, strict=True) if ok]

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(profiles.PROFILES),
         help="the page of the cold scenario (default: big, 1,000 contacts)",
     )
-    parser.add_argument("--connections", type=int, help="wrk connections (default 32)")
+    parser.add_argument(
+        "--connections", type=int, help="wrk connections, every profile (default: each its own)"
+    )
     parser.add_argument("--threads", type=int, help="wrk threads (default 1)")
     parser.add_argument(
         "--overload-connections", type=int, help="wrk connections of the overload scenario (256)"
@@ -141,8 +143,7 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def _needs_image_install(wanted: Sequence[str], options: Options) -> bool:
     """Start-up always measures the image install; the other scenarios with `--image-python`."""
-    measures_image = {"warm", "cold", "stampede", "overload"} & set(wanted)
-    return "startup" in wanted or (options.image_python is not None and bool(measures_image))
+    return "startup" in wanted or options.image_python is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -210,6 +210,30 @@ def test_the_image_install_is_built_once_before_any_scenario(
     assert log.index("image install built in") < log.index("scenario warm")
 
 
+def test_an_image_install_that_fails_in_any_way_fails_once_and_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uv hanging past its timeout is a failed install like uv refusing: the scenarios that
+    need it fail with the reason, the run goes on, and it is not tried again."""
+    from bench.runtime import RuntimeUnavailable
+    from bench.scenarios import common
+
+    calls = 0
+
+    def hung(python: str, target: Path) -> str:
+        nonlocal calls
+        calls += 1
+        raise subprocess.TimeoutExpired(["uv", "sync"], 600)
+
+    monkeypatch.setattr(common, "runtime_python", hung)
+    ctx = common.Context(None, common.Options(), lambda _: None, workdir=tmp_path)  # type: ignore[arg-type]
+
+    for _ in range(2):
+        with pytest.raises(RuntimeUnavailable, match="TimeoutExpired"):
+            ctx.installed()
+    assert calls == 1
+
+
 def test_an_image_python_that_does_not_exist_or_a_variant_named_image_is_refused() -> None:
     from bench import cli
 

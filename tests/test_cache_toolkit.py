@@ -563,6 +563,34 @@ class TestBatchScripts:
         assert 4000 < admin.pttl("lease:acme") <= 5000, "lengthened to the newest lease"
         assert (round_trips, refused) == (3, 2), "one round trip, no option asked again"
 
+    async def test_only_a_refused_expiry_option_is_remembered(
+        self, noscripts_cache: Cache, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Any other error of `PEXPIRE ... NX` (READONLY in a failover) passes: the next
+        lease call asks NX and GT again, rather than a plain PEXPIRE for good."""
+        real = Pipeline.pexpire
+        failing = True
+        asked = 0
+
+        def flaky(self: Pipeline, name: str, time: int, **options: bool) -> Any:
+            nonlocal asked
+            if any(options.values()):
+                asked += 1
+                if failing:  # an error that is no refusal: "value is not an integer"
+                    return self.execute_command("PEXPIRE", name, "not-a-number")
+            return real(self, name, time, **options)
+
+        monkeypatch.setattr(Pipeline, "pexpire", flaky)
+        admin = redis_server.client()
+
+        assert await noscripts_cache.take_leases("lease:acme", ["c:1"], "me", 1000) == [True]
+        failing = False
+        before = asked
+        assert await noscripts_cache.take_leases("lease:acme", ["c:2"], "me", 5000) == [True]
+
+        assert asked - before == 2, "NX and GT asked again"
+        assert 4000 < admin.pttl("lease:acme") <= 5000
+
 
 class TestWithoutRedis:
     async def test_every_call_degrades_quickly_when_redis_is_down(

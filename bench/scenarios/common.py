@@ -153,6 +153,8 @@ class Context:
                 self._installed = (installed, f"Python {python_version(installed)}, {python}")
             except RuntimeUnavailable as exc:
                 self._installed = exc
+            except (OSError, subprocess.SubprocessError) as exc:  # (uv hung, a copy failed)
+                self._installed = RuntimeUnavailable(f"{type(exc).__name__}: {exc}")
         if isinstance(self._installed, RuntimeUnavailable):
             raise self._installed
         return self._installed
