@@ -135,13 +135,22 @@ class TestMemoryAfterAHugePage:
                 async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
                     assert (await client.get("/health")).status_code == 200
                     idle = memory_bytes(service.pid)
-                    response = await client.get("/contacts?instance=acme")
-                    peak = memory_bytes(service.pid)
+                    # The peak while the page is served, not after: what the process frees
+                    # before its answer arrives here (the write-back's keys) counts too.
+                    request = asyncio.create_task(client.get("/contacts?instance=acme"))
+                    samples = [idle]
+                    while not request.done():
+                        samples.append(memory_bytes(service.pid))
+                        await asyncio.wait([request], timeout=0.01)
+                    response = await request
+                    peak = max(*samples, memory_bytes(service.pid))
                     grown = peak - idle
+                    # Without malloc_trim the process keeps about half of its peak for good
+                    # (glibc's arenas); with it, about a quarter.
                     await eventually(
-                        lambda: memory_bytes(service.pid) < idle + grown / 2,
+                        lambda: memory_bytes(service.pid) < idle + grown * 0.4,
                         timeout=20,
-                        message="half of what the page took is given back",
+                        message="most of what the page took is given back",
                     )
             finally:
                 service.stop()
