@@ -51,11 +51,11 @@ log = structlog.get_logger("app.cache")
 # `<token>:<deadline in ms, Redis's clock>`), not a key per id: Redis takes the leases of a
 # page of 1,000 contacts (676 ids) in ~0.9 ms instead of ~3.8 ms for a `SET NX PX` per id
 # (a key and an expiry each), and releases them in a fraction of it; where the hash does
-# not exist yet (nobody holds a lease of the space), without reading a field. The hash lives as long
-# as its newest lease (PEXPIRE); a field past its deadline is a lease given up. A new
-# hash gets a field `~` whose value (longer than Redis's 64-byte `hash-max-listpack-value`)
-# makes it a hash table from the start: Redis 7.0 inserts the fields of one HSET into a
-# listpack one by one, ~3 ms for 676 (docs/performance.md).
+# not exist yet (nobody holds a lease of the space), without reading a field. The hash
+# lives as long as its newest lease (PEXPIRE); a field past its deadline is a lease given
+# up. A new hash gets a field `~` whose value (longer than Redis's 64-byte
+# `hash-max-listpack-value`) makes it a hash table from the start: Redis 7.0 inserts the
+# fields of one HSET into a listpack one by one, ~3 ms for 676 (docs/performance.md).
 
 # The lease and write scripts call with redis.pcall and answer the first error at the end,
 # as the error itself: like a pipeline, one failing command (an invalid TTL, out of memory) does

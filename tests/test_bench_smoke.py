@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,7 +227,8 @@ def test_an_image_install_that_fails_in_any_way_fails_once_and_is_said(
         raise subprocess.TimeoutExpired(["uv", "sync"], 600)
 
     monkeypatch.setattr(common, "runtime_python", hung)
-    ctx = common.Context(None, common.Options(), lambda _: None, workdir=tmp_path)  # type: ignore[arg-type]
+    no_stack: Any = None  # (the install needs none)
+    ctx = common.Context(no_stack, common.Options(), lambda _: None, workdir=tmp_path)
 
     for _ in range(2):
         with pytest.raises(RuntimeUnavailable, match="TimeoutExpired"):
